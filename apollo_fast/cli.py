@@ -1,0 +1,38 @@
+"""`apollo-fast` command line: one subcommand per feature module.
+
+Each module listed in COMMANDS provides `register(subparsers)`, which adds its subcommand and sets
+`func` (called with the parsed arguments, returning an exit code). Modules are imported lazily,
+so `apollo-fast demo` does not import what `train` needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    "apollo_fast.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apollo-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in COMMANDS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"apollo-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The APOLLO and AdamW updates for one tensor, in plain fp32 PyTorch: the specification.
+
+Every fast backend must compute these functions. Math follows ../shared/docs/apollo-spec.md
+(APOLLO, arXiv 2412.05270, as apollo-torch 1.0.3 computes it). Nothing here allocates optimizer
+state or decides which parameter gets which rule: that is `apollo_fast.optim`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .projection import channel_major
+
+__all__ = ["apollo_step_size", "apollo_update", "adamw_update"]
+
+_NORM_EPS = 1e-8  # the official code's epsilon in the scaling factor and the limiter
+
+
+def apollo_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
+    """eta_t = lr * sqrt(1 - b2^t) / (1 - b1^t): Adam's bias correction applied to the step size."""
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+@torch.no_grad()
+def apollo_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    limiter_norm: torch.Tensor,
+    proj: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    alpha: float,
+    scale_type: str,
+    norm_growth_limit: float | None,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """One APOLLO step for a matrix, in place.
+
+    param, grad: m x n (any float dtype; math in fp32). proj: P~, r x d, fp32, d = min(m, n).
+    exp_avg, exp_avg_sq: C x r fp32 moments, C = max(m, n) channels, updated in place.
+    limiter_norm: 0-dim fp32, the limiter's previous ||S||_F, written at every step.
+    step: 1-based count including this step (bias correction, and step 1 seeds the limiter).
+    """
+    g = channel_major(grad).float()
+    if maximize:
+        g = -g
+    r_proj = g @ proj.t()  # C x r
+
+    exp_avg.mul_(beta1).add_(r_proj, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(r_proj, r_proj, value=1.0 - beta2)
+    n_proj = exp_avg / (exp_avg_sq.sqrt() + eps)
+
+    if scale_type == "channel":
+        s = n_proj.norm(dim=1) / (r_proj.norm(dim=1) + _NORM_EPS)  # C
+        scaled = g * s[:, None]
+    elif scale_type == "tensor":
+        s = n_proj.norm() / (r_proj.norm() + _NORM_EPS)
+        scaled = g * s
+    else:
+        raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
+
+    if norm_growth_limit is not None:
+        norm = scaled.norm()
+        if step == 1:
+            limiter_norm.copy_(norm)
+        else:
+            lam = torch.clamp(norm / (limiter_norm + _NORM_EPS), min=norm_growth_limit) / norm_growth_limit
+            scaled = scaled / lam
+            limiter_norm.copy_(norm / lam)
+
+    eta = apollo_step_size(lr, beta1, beta2, step)
+    w = channel_major(param)
+    new_w = w.float() - (eta * alpha) * scaled
+    if weight_decay > 0.0:
+        new_w = new_w * (1.0 - lr * weight_decay)  # decay after the update, with the plain lr
+    w.copy_(new_w)
+
+
+@torch.no_grad()
+def adamw_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """One AdamW step, in place, as torch.optim.AdamW computes it (decay first, eps after sqrt(v_hat)).
+
+    param, grad: any shape and float dtype; exp_avg, exp_avg_sq: fp32, same shape.
+    """
+    g = grad.float()
+    if maximize:
+        g = -g
+    w = param.float()
+    if weight_decay != 0.0:
+        w = w * (1.0 - lr * weight_decay)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
+    param.copy_(w - (lr / bc1) * exp_avg / denom)
