@@ -86,9 +86,8 @@ def print_table(results: list[DemoResult], device: str) -> None:
     for col in ("optimizer", "first loss", "final loss (last 10)", "ms / step", "optimizer state"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(
-            r.name, f"{r.first_loss:.3f}", f"{r.final_loss:.3f}", f"{r.ms_per_step:.1f}", f"{r.state_bytes / 1024:.1f} KiB"
-        )
+        state = f"{r.state_bytes / 1024:.1f} KiB"
+        table.add_row(r.name, f"{r.first_loss:.3f}", f"{r.final_loss:.3f}", f"{r.ms_per_step:.1f}", state)
     Console().print(table)
 
 

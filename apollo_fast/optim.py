@@ -279,7 +279,7 @@ class APOLLO(Optimizer):
         if bool(flags.all()):
             return True
         if self.nonfinite == "raise":
-            bad = [name for (_, _, name), ok in zip(work, flags.tolist()) if not ok]
+            bad = [name for (_, _, name), ok in zip(work, flags.tolist(), strict=True) if not ok]
             raise NonFiniteGradientError(
                 f"non-finite gradient (inf or NaN) in {', '.join(bad)}; nothing was updated. "
                 "Pass nonfinite='skip' to skip such steps instead."
