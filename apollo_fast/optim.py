@@ -174,6 +174,7 @@ class APOLLO(Optimizer):
         self.skipped_steps = 0
         self._param_index: dict[torch.Tensor, int] = {}
         self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}  # shape each state was made for
         super().__init__(params, defaults)
         self._backend_impl = self._resolve_backend(backend)
 
@@ -209,19 +210,24 @@ class APOLLO(Optimizer):
 
     # -- load/save ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: torch.Tensor, value: torch.Tensor, param_id: int, param_groups: Any, key: Any = None
-    ) -> torch.Tensor:
-        # Our state has its own dtypes (fp32 moments for bf16 weights): keep them, move devices
-        # only. `step` stays on the CPU, as torch.optim keeps it when not capturable.
-        if key == "step":
-            return value
-        return value.to(device=param.device)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter's dtype on load; ours has its own
+        # dtypes (fp32 moments for bf16 weights), so take the saved tensors as they were.
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.clone() if key == "step" else value.to(p.device, copy=True)
         self._proj_cache.clear()
+        self._shapes = {p: tuple(p.shape) for p in self.state}
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if "exp_avg" in self.state.get(p, {}):
+                    have, need = tuple(self.state[p]["exp_avg"].shape), self._state_shape(group, p)
+                    if have[0] != need[0] or (len(have) != len(need)):
+                        raise ValueError(f"loaded state {have} does not fit {self._name(group, i, p)}")
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -255,14 +261,9 @@ class APOLLO(Optimizer):
                     raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match {name}")
                 if not p.is_floating_point():
                     raise TypeError(f"APOLLO needs floating-point parameters: {name} is {p.dtype}")
-                state = self.state[p]
-                if "exp_avg" in state:
-                    expect = self._state_shape(group, p)
-                    if tuple(state["exp_avg"].shape) != expect:
-                        raise ValueError(
-                            f"{name} changed shape since the optimizer state was created "
-                            f"(state {tuple(state['exp_avg'].shape)}, now needs {expect})"
-                        )
+                made_for = self._shapes.get(p)
+                if made_for is not None and made_for != tuple(p.shape):
+                    raise ValueError(f"{name} changed shape since its optimizer state was made for {made_for}")
                 work.append((group, p, name))
         return work
 
@@ -306,6 +307,7 @@ class APOLLO(Optimizer):
         if "exp_avg" in state:
             return state
         shape = self._state_shape(group, p)
+        self._shapes[p] = tuple(p.shape)
         state["step"] = torch.zeros((), dtype=torch.float32)
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)

@@ -45,6 +45,7 @@ def tiny_causal_lm(
             linear_num_value_heads=4,
             linear_key_head_dim=16,
             linear_value_head_dim=16,
+            full_attention_interval=min(4, layers),  # at least one attention layer: 75% GDN from 4 layers up
             max_position_embeddings=512,
             tie_word_embeddings=False,
         )

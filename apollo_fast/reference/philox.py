@@ -41,16 +41,16 @@ def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(
-    counter: torch.Tensor, key: int, counter_hi: int | torch.Tensor = 0, rounds: int = PHILOX_ROUNDS
+    x0: torch.Tensor, x1: int | torch.Tensor, x2: int | torch.Tensor, x3: int | torch.Tensor, key: int,
+    rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, ...]:
-    """Philox4x32 on int64 `counter` (any shape, values in [0, 2**32)); returns four uint32-in-int64.
+    """Philox4x32 of the counter words (x0, x1, x2, x3) under the 64-bit `key`.
 
-    Counter words are (counter, counter_hi, 0, 0); key words are (key mod 2**32, key >> 32).
+    Words are uint32 values held in int64 tensors (or ints, broadcast to x0's shape); returns the
+    four output words the same way. Key words are (key mod 2**32, key >> 32).
     """
-    x0 = counter.to(torch.int64) & _MASK32
-    x1 = torch.as_tensor(counter_hi, dtype=torch.int64, device=counter.device).expand_as(x0) & _MASK32
-    x2 = torch.zeros_like(x0)
-    x3 = torch.zeros_like(x0)
+    x0 = x0.to(torch.int64) & _MASK32
+    x1, x2, x3 = (torch.as_tensor(x, dtype=torch.int64, device=x0.device).expand_as(x0) & _MASK32 for x in (x1, x2, x3))
     k0, k1 = key & _MASK32, (key >> 32) & _MASK32
     for r in range(rounds):
         hi0, lo0 = _mulhilo32(x0, PHILOX_M0)
@@ -65,7 +65,7 @@ def philox_normal(
     counter: torch.Tensor, key: int, counter_hi: int = 0, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Standard normals, one per element of the int64 `counter` tensor (see module docstring)."""
-    x0, x1, _, _ = philox4x32(counter, key, counter_hi)
+    x0, x1, _, _ = philox4x32(counter, counter_hi, 0, 0, key)
     u1 = ((x0 >> 8) + 1).to(torch.float64) * 2.0**-24
     u2 = (x1 >> 8).to(torch.float64) * 2.0**-24
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
