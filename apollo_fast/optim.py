@@ -276,7 +276,12 @@ class APOLLO(Optimizer):
         """True when every gradient is finite; raises under nonfinite='raise'. One host sync."""
         if not work:
             return True
-        flags = torch.stack([torch.isfinite(p.grad).all().cpu() for _, p, _ in work])
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, p, _) in enumerate(work):
+            by_device.setdefault(p.grad.device, []).append(i)
+        flags = torch.empty(len(work), dtype=torch.bool)
+        for idx in by_device.values():  # one device-to-host copy per device
+            flags[idx] = torch.stack([torch.isfinite(work[i][1].grad).all() for i in idx]).cpu()
         if bool(flags.all()):
             return True
         if self.nonfinite == "raise":
