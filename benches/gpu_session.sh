@@ -13,7 +13,10 @@ run() {  # run NAME SECONDS CMD...: time-boxed, logged to $OUT/NAME.log
   local name=$1 secs=$2; shift 2
   echo "== $name"; timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? ($name)"; tail -n 25 "$OUT/$name.log"
 }
-run gpu_tests 200 python3 -m pytest -q -m gpu -x tests
+REPO=$PWD
+# From /tmp, so that `apollo_fast` is the installed wheel (kernels/ is mapped to apollo_fast.kernels
+# only in an installed package), not the source folder in the current directory.
+(cd /tmp && run gpu_tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider "$REPO/tests")
 for bench in benches/apollo_table.py benches/bench_gdn.py benches/bench_frozen_context.py; do
-  [ -f "$bench" ] && run "$(basename "$bench" .py)" 150 python3 "$bench"
+  [ -f "$bench" ] && (cd /tmp && run "$(basename "$bench" .py)" 150 python3 "$REPO/$bench")
 done
