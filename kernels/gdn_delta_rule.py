@@ -161,6 +161,11 @@ def _segment_delta_rule_bwd_kernel(
         tl.debug_barrier()
 
 
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests replace it with a NaN fill, so an element a kernel skips fails)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def _block_sizes(K: int, V: int) -> tuple[int, int]:
     BK = triton.next_power_of_2(K)
     BV = min(triton.next_power_of_2(V), max(16, 4096 // BK))  # state tile <= 4096 fp32 per program
@@ -183,9 +188,9 @@ def segment_delta_rule_fwd(
     HV, V = v.shape[2], v.shape[3]
     BK, BV = _block_sizes(K, V)
     n_ckpt = triton.cdiv(max_len, ckpt_every) if save_ckpt else 0
-    o = torch.empty_like(v)
-    ht = torch.empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
-    ckpt = torch.empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
+    o = _empty(*v.shape, dtype=v.dtype, device=v.device)
+    ht = _empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
+    ckpt = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
     h0_stride = 0 if h0 is None or h0.shape[0] == 1 else HV * K * V
     grid = (triton.cdiv(V, BV), n_seq * HV)
     _segment_delta_rule_fwd_kernel[grid](
@@ -209,12 +214,12 @@ def segment_delta_rule_bwd(
     BK, BV = _block_sizes(K, V)
     NV = triton.cdiv(V, BV)
     dev = q.device
-    scratch = torch.empty(n_seq * HV * NV * ckpt_every * BK * BV, dtype=torch.float32, device=dev)
-    dq_part = torch.empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
-    dk_part = torch.empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
-    dv = torch.empty_like(v)
-    dg_part = torch.empty(NV, B, T, HV, dtype=torch.float32, device=dev)
-    dbeta_part = torch.empty(NV, B, T, HV, dtype=torch.float32, device=dev)
+    scratch = _empty(n_seq * HV * NV * ckpt_every * BK * BV, dtype=torch.float32, device=dev)
+    dq_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
+    dk_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
+    dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
+    dg_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
+    dbeta_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
     _segment_delta_rule_bwd_kernel[(NV, n_seq * HV)](
         q, k, v, g, beta, ckpt, do, dht, scratch, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
         T, B * T, scale, eps, ckpt_every, ckpt.shape[2],

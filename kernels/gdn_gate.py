@@ -110,6 +110,11 @@ def _gdn_gate_bwd_kernel(
     tl.store(dbias_part + p_off + HV, -cD, mask=mh)
 
 
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests replace it with a NaN fill, so an element a kernel skips fails)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def _bth_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -120,8 +125,8 @@ def gdn_gate_fwd(
     """a, b [B, T, Hv] (any strides); A_log, dt_bias [Hv] contiguous -> g fp32, beta (b's dtype), contiguous."""
     B, T, HV = a.shape
     R = B * T
-    g = torch.empty(B, T, HV, dtype=torch.float32, device=a.device)
-    beta = torch.empty(B, T, HV, dtype=b.dtype, device=b.device)
+    g = _empty(B, T, HV, dtype=torch.float32, device=a.device)
+    beta = _empty(B, T, HV, dtype=b.dtype, device=b.device)
     if R == 0:
         return g, beta
     grid = (triton.cdiv(R, BLOCK_R),)
@@ -139,16 +144,16 @@ def gdn_gate_bwd(
     """-> da (a's dtype), db (b's dtype) [B, T, Hv] contiguous; partials of d A_log, d dt_bias [P, 2, Hv] fp32."""
     B, T, HV = a.shape
     R = B * T
-    da = torch.empty(B, T, HV, dtype=a.dtype, device=a.device)
-    db = torch.empty(B, T, HV, dtype=b.dtype, device=b.device)
+    da = _empty(B, T, HV, dtype=a.dtype, device=a.device)
+    db = _empty(B, T, HV, dtype=b.dtype, device=b.device)
     if R == 0:
         zeros = torch.zeros(1, 2, HV, dtype=torch.float32, device=a.device)
         return da, db, zeros, zeros.clone()
     n_prog = min(triton.cdiv(R, BLOCK_R), MAX_PROGRAMS)
     rows_per_prog = triton.cdiv(triton.cdiv(R, n_prog), BLOCK_R) * BLOCK_R
     n_prog = triton.cdiv(R, rows_per_prog)
-    dA_part = torch.empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
-    dbias_part = torch.empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
+    dA_part = _empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
+    dbias_part = _empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
     _gdn_gate_bwd_kernel[(n_prog,)](
         a, b, A_log, dt_bias, dg, dbeta, da, db, dA_part, dbias_part, R, T, rows_per_prog,
         *_bth_strides(a), *_bth_strides(b), *_bth_strides(dg), *_bth_strides(dbeta),

@@ -45,14 +45,14 @@ def _recurrence(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of equal-length segments. q, k [B, T, Hv, K] (normalised, q scaled); v [B, T, Hv, V];
     g, beta [B, T, Hv]; state [B, Hv, K, V] -> o [B, T, Hv, V], final state [B, Hv, K, V]."""
-    outs = []
+    outs = [v.new_zeros(v.shape[0], 0, *v.shape[2:])]  # so an empty segment stacks to [B, 0, Hv, V]
     for t in range(q.shape[1]):
         state = state * torch.exp(g[:, t])[..., None, None]  # decay
         pred = torch.einsum("bhkv,bhk->bhv", state, k[:, t])  # S^T k
         delta = beta[:, t, :, None] * (v[:, t] - pred)  # beta (v - S^T k)
         state = state + k[:, t, :, :, None] * delta[:, :, None, :]  # S += k delta^T
         outs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))  # o = S^T q
-    return torch.stack(outs, 1), state
+    return torch.cat([outs[0]] + [o[:, None] for o in outs[1:]], 1), state
 
 
 def segment_delta_rule_ref(
