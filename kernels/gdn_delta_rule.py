@@ -20,21 +20,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, eps,
-                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr):
-    """Token t's normalised q, k with their rsqrt norms, v block, g and beta (all fp32)."""
+def _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv,
+                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Token t's raw q, k, the v block, g and beta (all fp32)."""
     b_q = tl.load(q + (t * HK + i_hk) * K + ok, mask=mk, other=0.0).to(tl.float32)
     b_k = tl.load(k + (t * HK + i_hk) * K + ok, mask=mk, other=0.0).to(tl.float32)
-    if L2NORM:
-        rq = 1.0 / tl.sqrt(tl.sum(b_q * b_q, 0) + eps)
-        rk = 1.0 / tl.sqrt(tl.sum(b_k * b_k, 0) + eps)
-    else:
-        rq = 1.0
-        rk = 1.0
     b_v = tl.load(v + (t * HV + i_h) * V + ov, mask=mv, other=0.0).to(tl.float32)
     b_g = tl.load(g + t * HV + i_h).to(tl.float32)
     b_beta = tl.load(beta + t * HV + i_h).to(tl.float32)
-    return b_q * rq, rq, b_k * rk, rk, b_v, b_g, b_beta
+    return b_q, b_k, b_v, b_g, b_beta
+
+
+@triton.jit
+def _rsqrt_norm(x, eps):
+    """1 / sqrt(sum(x^2) + eps) over the K axis."""
+    return 1.0 / tl.sqrt(tl.sum(x * x, 0) + eps)
 
 
 @triton.jit
@@ -69,8 +69,10 @@ def _segment_delta_rule_fwd_kernel(
         if SAVE_CKPT:
             if (t - bos) % ckpt_every == 0:
                 tl.store(ckpt + (i_nh * n_ckpt + (t - bos) // ckpt_every) * K * V + kv_off, S, mask=mkv)
-        b_q, _, b_k, _, b_v, b_g, b_beta = _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, eps,
-                                                      HK, HV, K, V, L2NORM)
+        b_q, b_k, b_v, b_g, b_beta = _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, HK, HV, K, V)
+        if L2NORM:
+            b_q = b_q * _rsqrt_norm(b_q, eps)
+            b_k = b_k * _rsqrt_norm(b_k, eps)
         S = S * tl.exp(b_g)
         b_u = b_beta * (b_v - tl.sum(S * b_k[:, None], 0))
         S = S + b_k[:, None] * b_u[None, :]
@@ -121,8 +123,9 @@ def _segment_delta_rule_bwd_kernel(
         S = tl.load(p_ckpt + c * K * V, mask=mkv, other=0.0)
         for t in range(start, end):  # recompute the chunk's states
             tl.store(p_scr + (t - start) * BK * BV, S)
-            b_q, _, b_k, _, b_v, b_g, b_beta = _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, eps,
-                                                          HK, HV, K, V, L2NORM)
+            b_q, b_k, b_v, b_g, b_beta = _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, HK, HV, K, V)
+            if L2NORM:
+                b_k = b_k * _rsqrt_norm(b_k, eps)
             S = S * tl.exp(b_g)
             b_u = b_beta * (b_v - tl.sum(S * b_k[:, None], 0))
             S = S + b_k[:, None] * b_u[None, :]
@@ -130,8 +133,12 @@ def _segment_delta_rule_bwd_kernel(
         for t_rev in range(0, end - start):  # adjoint, last token first
             t = end - 1 - t_rev
             S_prev = tl.load(p_scr + (t - start) * BK * BV)
-            b_q, rq, b_k, rk, b_v, b_g, b_beta = _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, eps,
-                                                            HK, HV, K, V, L2NORM)
+            b_q, b_k, b_v, b_g, b_beta = _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, HK, HV, K, V)
+            if L2NORM:
+                rq = _rsqrt_norm(b_q, eps)
+                rk = _rsqrt_norm(b_k, eps)
+                b_q = b_q * rq
+                b_k = b_k * rk
             b_do = tl.load(do + (t * HV + i_h) * V + ov, mask=mv, other=0.0).to(tl.float32)
             eg = tl.exp(b_g)
             S_a = S_prev * eg
