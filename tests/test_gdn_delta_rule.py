@@ -145,3 +145,20 @@ def test_gpu_deterministic_qwen_size():
     second = run_pipeline(x, gate, segment_delta_rule, torch.bfloat16)
     for name in NAMES:
         assert torch.equal(first[name], second[name]), f"{name}: two runs differ"
+
+
+def test_segment_no_grad_saves_no_checkpoints(monkeypatch):
+    """Under torch.no_grad (a context prefix) the forward keeps no checkpoints, and gives the same o."""
+    from apollo_fast.kernels import gdn_delta_rule
+
+    seen = []
+    real = gdn_delta_rule.segment_delta_rule_fwd
+    monkeypatch.setattr(gdn_delta_rule, "segment_delta_rule_fwd", lambda *a: seen.append(a[-2]) or real(*a))
+    x = make_inputs(1, 9, 1, 2, 16, 16, seed=14, device=DEVICE)
+    q = x["q"].clone().requires_grad_()
+    g, beta = gate(x["a"], x["b"], x["A_log"], x["dt_bias"])
+    with torch.no_grad():
+        o_ng, fs_ng = segment_delta_rule(q, x["k"], x["v"], g, beta, x["h0"])
+    o, fs = segment_delta_rule(q, x["k"], x["v"], g, beta, x["h0"])
+    assert seen == [False, True], f"save_ckpt flags {seen}"
+    assert torch.equal(o_ng, o.detach()) and torch.equal(fs_ng, fs.detach())

@@ -12,12 +12,12 @@ __all__ = ["segment_delta_rule"]
 
 class _SegmentDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, l2norm, output_final_state, ckpt_every):
+    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, l2norm, output_final_state, ckpt_every,
+                save):
         from apollo_fast.kernels.gdn_delta_rule import segment_delta_rule_fwd
 
         q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
         g = g.float().contiguous()
-        save = any(ctx.needs_input_grad[:5])
         o, ht, ckpt = segment_delta_rule_fwd(
             q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, L2NORM_EPS, l2norm,
             output_final_state, save, ckpt_every,
@@ -48,7 +48,7 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
         dk = dk_p.view(-1, B, T, HK, group, K).sum((0, 4)).to(k.dtype)
         dg = dg_p.sum(0)
         dbeta = dbeta_p.sum(0).to(beta.dtype)
-        return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None, None, None
 
 
 def _check_tensor(name: str, t: object, dims: int) -> torch.Tensor:
@@ -141,9 +141,11 @@ def segment_delta_rule(
     from apollo_fast.kernels.gdn_delta_rule import default_ckpt_every
 
     h0 = None if initial_state is None else initial_state.detach().float().contiguous()
+    # checkpoints for the backward only when one can happen (needs_input_grad is also set under no_grad)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
     out = _SegmentDeltaRuleFunction.apply(
         q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, bool(use_qk_l2norm), bool(output_final_state),
-        default_ckpt_every(max_len),
+        default_ckpt_every(max_len), save,
     )
     if output_final_state:
         return out
