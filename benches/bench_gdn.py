@@ -70,21 +70,30 @@ def fla_function() -> tuple[Callable | None, str]:
 
 @contextlib.contextmanager
 def fla_hopper_guard_bypassed():
-    """Switch off fla's Hopper/Triton guard flags in the module that raises, for the measurement only."""
+    """Switch off the Hopper/Triton flags in the fla modules that raise "produces incorrect results" (the guard
+    on its gated backward), for the measurement only; other modules keep their flags."""
     patched = []
-    try:
-        mod = importlib.import_module("fla.ops.common.chunk_o")
-        for name in ("IS_NVIDIA_HOPPER", "TRITON_ABOVE_3_4_0"):
-            if hasattr(mod, name):
-                patched.append((mod, name, getattr(mod, name)))
-                setattr(mod, name, False)
-    except ImportError:
-        pass
+    with contextlib.suppress(ImportError):
+        importlib.import_module("fla.ops.common.chunk_o")
+    for name, mod in list(sys.modules.items()):
+        path = getattr(mod, "__file__", None)
+        if not name.startswith("fla.") or not path or not path.endswith(".py"):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                if "incorrect results" not in f.read():
+                    continue
+        except OSError:
+            continue
+        for flag in ("IS_NVIDIA_HOPPER", "TRITON_ABOVE_3_4_0"):
+            if isinstance(getattr(mod, flag, None), bool):
+                patched.append((mod, flag, getattr(mod, flag)))
+                setattr(mod, flag, False)
     try:
         yield bool(patched)
     finally:
-        for mod, name, value in patched:
-            setattr(mod, name, value)
+        for mod, flag, value in patched:
+            setattr(mod, flag, value)
 
 
 def run_fla(fn, q, k, v, g, beta, h0):
@@ -99,6 +108,19 @@ def run_fla(fn, q, k, v, g, beta, h0):
                   initial_state=h0.expand(v.shape[0], -1, -1, -1).contiguous(), output_final_state=False,
                   use_qk_l2norm_in_kernel=True)
     return o
+
+
+@contextlib.contextmanager
+def block_v_forced(bv: int):
+    """Our kernels with V-block width bv instead of the heuristic (a tuning aid for the GPU session)."""
+    from apollo_fast.kernels import gdn_delta_rule
+
+    real = gdn_delta_rule._block_sizes
+    gdn_delta_rule._block_sizes = lambda K, V: (real(K, V)[0], min(bv, max(16, 1 << (V - 1).bit_length())))
+    try:
+        yield
+    finally:
+        gdn_delta_rule._block_sizes = real
 
 
 def run_ours(q, k, v, g, beta, h0):
@@ -215,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip transformers' PyTorch fallback")
+    p.add_argument("--block-v", type=int, nargs="*", default=[],
+                   help="also time ours with these V-block widths (tuning aid; the default heuristic is 'ours')")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_gdn.json (default $OUT)")
     args = p.parse_args(argv)
 
@@ -254,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"Hv": Hv, "B": B, "T": T}
                 row["ours"] = time_ms(fwd_bwd(run_ours, x, g, beta, do), device, args.warmup, args.reps)
                 row["ours"]["peak_mb"] = peak_mb(fwd_bwd(run_ours, x, g, beta, do), device)
+                for bv in args.block_v:
+                    with block_v_forced(bv):
+                        row[f"ours_bv{bv}"] = time_ms(fwd_bwd(run_ours, x, g, beta, do), device, args.warmup, args.reps)
                 if tf_fn is not None:
                     meth = lambda *a: run_transformers(tf_fn, *a)
                     try:
@@ -324,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(t) if 'error' not in r.get('torch', {}) else r['torch']['error']} | "
               f"{fmt(f) if 'error' not in r.get('fla', {}) else 'error'} | "
               f"{fmt(ratio(t, o), '.1f', 'x')} | {fmt(ratio(f, o), '.2f', 'x')} |")
+    if args.block_v:
+        print("\n| Hv | B | T | ours (heuristic) ms | " + " | ".join(f"BV={bv} ms" for bv in args.block_v) + " |")
+        print("|---|---|---|---|" + "---|" * len(args.block_v))
+        for r in rows:
+            print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(ms(r, 'ours'))} | "
+                  + " | ".join(fmt(ms(r, f"ours_bv{bv}")) for bv in args.block_v) + " |")
     print("\n| gate Hv | B | T | ours ms | eager ms | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in gate_rows:
