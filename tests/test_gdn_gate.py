@@ -76,3 +76,28 @@ def test_gate_bf16_params_and_inputs_and_determinism():
     again = _gate_grads(a, b, A_log, dt_bias, gate, dg, dbeta)
     for name, t in out.items():
         assert torch.equal(t, again[name]), f"{name}: two runs differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gate_qwen_size(dtype):
+    """B=8, T=2048, Hv=48 from a fused projection view; fp32: per-head 1e-5 on the parameter sums."""
+    a, b = _fused_views(8, 2048, 48, dtype, seed=3)
+    x = make_inputs(1, 1, 1, 48, 1, 1, seed=3)
+    A_log, dt_bias = x["A_log"].to(DEVICE, dtype), x["dt_bias"].to(DEVICE, dtype)
+    dg, dbeta = torch.randn(8, 2048, 48, device=DEVICE), torch.randn(8, 2048, 48, device=DEVICE).to(dtype)
+    ref = _gate_grads(a.double(), b.double(), A_log.double(), dt_bias.double(), gate_ref, dg.double(), dbeta.double())
+    out = _gate_grads(a, b, A_log, dt_bias, gate, dg, dbeta)
+    if dtype == torch.float32:
+        for name in ("g", "beta", "da", "db"):
+            assert_close(name, ref[name], out[name], 1e-6)
+        for name in ("dA_log", "ddt_bias"):
+            err = per_head_rel_err(ref[name], out[name])
+            assert err <= 1e-5, f"{name}: per-head relative error {err:.2e} > 1e-5"
+    else:  # one bf16 rounding of each result (round to nearest on the GPU)
+        for name in ("beta", "da", "db", "dA_log", "ddt_bias"):
+            assert_close(name, ref[name], out[name], 3e-3)
+        assert_close("g", ref["g"], out["g"], 1e-6)
+    again = _gate_grads(a, b, A_log, dt_bias, gate, dg, dbeta)
+    for name, t in out.items():
+        assert torch.equal(t, again[name]), f"{name}: two runs differ"
