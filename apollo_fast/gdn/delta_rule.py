@@ -44,8 +44,9 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
             cu_seqlens, n_seq, scale, L2NORM_EPS, l2norm, ckpt_every,
         )
         # fixed-order sums over V-blocks and the value heads that share a key head: deterministic
-        dq = dq_p.view(-1, B, T, HK, group, K).sum((0, 4)).to(q.dtype)
-        dk = dk_p.view(-1, B, T, HK, group, K).sum((0, 4)).to(k.dtype)
+        NV = dq_p.shape[0]
+        dq = dq_p.view(NV, B, T, HK, group, K).sum((0, 4)).to(q.dtype)
+        dk = dk_p.view(NV, B, T, HK, group, K).sum((0, 4)).to(k.dtype)
         dg = dg_p.sum(0)
         dbeta = dbeta_p.sum(0).to(beta.dtype)
         return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None, None, None
