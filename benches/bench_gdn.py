@@ -123,6 +123,19 @@ def block_v_forced(bv: int):
         gdn_delta_rule._block_sizes = real
 
 
+@contextlib.contextmanager
+def ckpt_every_forced(c: int):
+    """Our kernels with checkpoint interval c instead of ~sqrt(T) (a tuning aid for the GPU session)."""
+    from apollo_fast.kernels import gdn_delta_rule
+
+    real = gdn_delta_rule.default_ckpt_every
+    gdn_delta_rule.default_ckpt_every = lambda max_len: c
+    try:
+        yield
+    finally:
+        gdn_delta_rule.default_ckpt_every = real
+
+
 def run_ours(q, k, v, g, beta, h0):
     o, _ = segment_delta_rule(q, k, v, g, beta, h0, output_final_state=False)
     return o
@@ -239,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip transformers' PyTorch fallback")
     p.add_argument("--block-v", type=int, nargs="*", default=[],
                    help="also time ours with these V-block widths (tuning aid; the default heuristic is 'ours')")
+    p.add_argument("--ckpt-every", type=int, nargs="*", default=[],
+                   help="also time ours with these checkpoint intervals (default ~sqrt(T); smaller: less scratch, "
+                        "more checkpoint memory)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_gdn.json (default $OUT)")
     args = p.parse_args(argv)
 
@@ -278,9 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"Hv": Hv, "B": B, "T": T}
                 row["ours"] = time_ms(fwd_bwd(run_ours, x, g, beta, do), device, args.warmup, args.reps)
                 row["ours"]["peak_mb"] = peak_mb(fwd_bwd(run_ours, x, g, beta, do), device)
+                ours_step = lambda: fwd_bwd(run_ours, x, g, beta, do)  # noqa: B023 - used within this iteration
                 for bv in args.block_v:
                     with block_v_forced(bv):
-                        row[f"ours_bv{bv}"] = time_ms(fwd_bwd(run_ours, x, g, beta, do), device, args.warmup, args.reps)
+                        row[f"ours_bv{bv}"] = time_ms(ours_step(), device, args.warmup, args.reps)
+                for c in args.ckpt_every:
+                    with ckpt_every_forced(c):
+                        row[f"ours_ckpt{c}"] = time_ms(ours_step(), device, args.warmup, args.reps)
+                        row[f"ours_ckpt{c}"]["peak_mb"] = peak_mb(ours_step(), device)
                 if tf_fn is not None:
                     meth = lambda *a: run_transformers(tf_fn, *a)
                     try:
@@ -357,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(ms(r, 'ours'))} | "
                   + " | ".join(fmt(ms(r, f"ours_bv{bv}")) for bv in args.block_v) + " |")
+    if args.ckpt_every:
+        print("\n| Hv | B | T | ours (~sqrt T) ms / MB | "
+              + " | ".join(f"every {c}: ms / MB" for c in args.ckpt_every) + " |")
+        print("|---|---|---|---|" + "---|" * len(args.ckpt_every))
+        for r in rows:
+            cells = [f"{fmt(ms(r, k))} / {fmt(r.get(k, {}).get('peak_mb'), '.0f')}"
+                     for k in ["ours"] + [f"ours_ckpt{c}" for c in args.ckpt_every]]
+            print(f"| {r['Hv']} | {r['B']} | {r['T']} | " + " | ".join(cells) + " |")
     print("\n| gate Hv | B | T | ours ms | eager ms | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in gate_rows:
