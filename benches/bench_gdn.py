@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import datetime
 import importlib
+import inspect
 import json
 import math
 import os
@@ -36,11 +37,12 @@ from apollo_fast.gdn.reference import gate_ref, segment_delta_rule_ref
 
 
 def transformers_fallback() -> tuple[Callable | None, str]:
-    """transformers' torch_chunk_gated_delta_rule (qwen3_5 in 5.24; qwen3_next in older releases)."""
+    """transformers' torch_chunk_gated_delta_rule (qwen3_5 in 5.24; qwen3_next in older releases), unwrapped:
+    newer releases wrap it in a dispatcher that calls fla instead whenever fla is importable."""
     for mod in ("transformers.models.qwen3_5.modeling_qwen3_5", "transformers.models.qwen3_next.modeling_qwen3_next"):
         try:
-            fn = importlib.import_module(mod).torch_chunk_gated_delta_rule
-            return fn, f"{mod}.torch_chunk_gated_delta_rule"
+            fn = inspect.unwrap(importlib.import_module(mod).torch_chunk_gated_delta_rule)
+            return fn, f"{mod}.torch_chunk_gated_delta_rule (unwrapped: the PyTorch code)"
         except (ImportError, AttributeError):
             continue
     return None, "not found"
