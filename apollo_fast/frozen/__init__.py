@@ -8,5 +8,13 @@
 from .adapters import SUPPORTED_MODELS
 from .context import FrozenContext, encode_context
 from .segment import segment_logits, segment_loss
+from .trainer import FrozenContextTrainer
 
-__all__ = ["FrozenContext", "SUPPORTED_MODELS", "encode_context", "segment_logits", "segment_loss"]
+__all__ = [
+    "FrozenContext",
+    "FrozenContextTrainer",
+    "SUPPORTED_MODELS",
+    "encode_context",
+    "segment_logits",
+    "segment_loss",
+]
