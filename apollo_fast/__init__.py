@@ -7,9 +7,9 @@ Public API:
     encode_context, segment_loss, FrozenContextTrainer   frozen-context training (apollo_fast.frozen)
 """
 
+from .frozen import FrozenContext, FrozenContextTrainer, encode_context, segment_loss
 from .optim import APOLLO, NonFiniteGradientError
 from .param_groups import apollo_param_groups
-from .frozen import FrozenContext, FrozenContextTrainer, encode_context, segment_loss
 
 __version__ = "0.1.0"
 

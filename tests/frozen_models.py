@@ -47,9 +47,17 @@ def build(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Mo
     elif arch in ("qwen3_next", "qwen3_next_moe"):
         from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
-        moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=24,
-                   decoder_sparse_step=1, norm_topk_prob=True)
-        model = Qwen3NextForCausalLM(Qwen3NextConfig(**_hybrid(**(moe if arch.endswith("moe") else {"num_experts": 0}))))
+        moe = dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=24,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+        )
+        model = Qwen3NextForCausalLM(
+            Qwen3NextConfig(**_hybrid(**(moe if arch.endswith("moe") else {"num_experts": 0})))
+        )
     elif arch == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 

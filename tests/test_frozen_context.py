@@ -111,7 +111,8 @@ def test_wq_and_gate_parameters_get_gradient_through_frozen_state():
     # Same segment with the GDN recurrent states of the context zeroed: A_log and dt_bias lose the gradient
     # that flows through the decay of the frozen state, so their gradients must change.
     zeroed_states = tuple(
-        (a, torch.zeros_like(b)) if kind == "gdn" else (a, b) for kind, (a, b) in zip(ctx.layer_kinds, ctx.states)
+        (a, torch.zeros_like(b)) if kind == "gdn" else (a, b)
+        for kind, (a, b) in zip(ctx.layer_kinds, ctx.states, strict=True)
     )
     versions = tuple(t._version for pair in zeroed_states for t in pair)
     zeroed = dataclasses.replace(ctx, states=zeroed_states, _versions=versions)
@@ -147,7 +148,7 @@ def test_context_is_bit_identical_after_training_steps():
     for step in range(3):
         trainer.step(ctx, [{"input_ids": _ids(6, seed=30 + step)}, {"input_ids": _ids(4, seed=40 + step)}])
     assert trainer.optimizer_steps == 3
-    for i, (a, b) in enumerate(zip(before, ctx.tensors())):
+    for i, (a, b) in enumerate(zip(before, ctx.tensors(), strict=True)):
         assert torch.equal(a, b), f"context tensor {i} changed"
     ctx.check_unmodified()
 
@@ -196,7 +197,7 @@ def test_trainer_micro_batches_and_accumulation_equal_one_batch():
     ids = torch.stack([F.pad(r, (0, 7 - len(r))) for r in rows])
     lab = torch.stack([F.pad(r, (0, 7 - len(r)), value=-100) for r in labels])
     expected = {}
-    for call in range(2):  # two calls, each the token mean, averaged
+    for _call in range(2):  # two calls, each the token mean, averaged
         segment_loss(model, ctx, ids, lab, mask).backward()
         for n, g in _grads(model).items():
             expected[n] = expected.get(n, 0) + g / 2
@@ -209,7 +210,7 @@ def test_trainer_micro_batches_and_accumulation_equal_one_batch():
     trainer = apollo_fast.FrozenContextTrainer(
         model, Capture(model.parameters(), lr=1.0), grad_accum_steps=2, micro_batch_size=1
     )
-    segs = [{"input_ids": r, "labels": lb} for r, lb in zip(rows, labels)]
+    segs = [{"input_ids": r, "labels": lb} for r, lb in zip(rows, labels, strict=True)]
     loss0 = trainer.step(ctx, segs)
     assert trainer.optimizer_steps == 0 and not seen
     loss1 = trainer.step(ctx, {"input_ids": ids, "labels": lab, "attention_mask": mask})
@@ -247,7 +248,7 @@ def test_chunked_delta_rule_matches_per_token_recurrence():
     (o_ref.square().sum() + state.square().sum()).backward()
     assert_close("o", o_ref, o, rtol=1e-5)
     assert_close("final state", state, s, rtol=1e-5)
-    for name, x, y in zip("q k v g beta".split(), ref_in, ours):
+    for name, x, y in zip("q k v g beta".split(), ref_in, ours, strict=True):
         assert_close(f"d{name}", x.grad, y, rtol=1e-5)
 
 
@@ -271,9 +272,20 @@ def test_unsupported_models_get_a_clear_error():
         encode_context(gpt2, torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         apollo_fast.FrozenContextTrainer(gpt2, torch.optim.SGD(gpt2.parameters(), lr=0.1))
-    sliding = Qwen3ForCausalLM(Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                           use_sliding_window=True, sliding_window=4, max_window_layers=0))
+    sliding = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=0,
+        )
+    )
     with pytest.raises(ValueError, match="sliding-window"):
         encode_context(sliding, torch.zeros(1, 3, dtype=torch.long))
 

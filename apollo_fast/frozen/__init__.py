@@ -1,8 +1,8 @@
 """Frozen-context training: encode a long context once without gradients, train many segments against it.
 
-    ctx = encode_context(model, context_ids)          # no grad; read-only per-layer state
-    loss = segment_loss(model, ctx, segment_ids)      # differentiable w.r.t. the model, never the context
-    FrozenContextTrainer(model, optimizer).step(ctx, segments)
+ctx = encode_context(model, context_ids)          # no grad; read-only per-layer state
+loss = segment_loss(model, ctx, segment_ids)      # differentiable w.r.t. the model, never the context
+FrozenContextTrainer(model, optimizer).step(ctx, segments)
 """
 
 from .adapters import SUPPORTED_MODELS

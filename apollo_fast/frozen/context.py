@@ -81,7 +81,9 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_context(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> FrozenContext:
+def encode_context(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> FrozenContext:
     """Run the context input_ids [Bc, Lc] once without gradients; return its read-only per-layer state.
 
     attention_mask, if given, must be all ones: padded contexts are not supported (encode each alone).

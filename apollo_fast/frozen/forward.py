@@ -119,7 +119,7 @@ def run_layers(
         pos = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         rope = parts.rotary(h, pos)
     new_states: list[Any] | None = [] if want_states else None
-    for i, (layer, mixer) in enumerate(zip(parts.layers, parts.mixers)):
+    for i, (layer, mixer) in enumerate(zip(parts.layers, parts.mixers, strict=True)):
         state = None if states is None else states[i]
         if gradient_checkpointing and not want_states and torch.is_grad_enabled():
             fn = partial(_layer_hidden_only, layer, mixer, rope, state)

@@ -143,7 +143,9 @@ def delta_rule_chunked(
     decay_strict = diff.masked_fill(~strict, float("-inf")).exp()
     a_mat = bf.unsqueeze(-1) * (kf @ kf.transpose(-1, -2)) * decay_strict
     rhs = torch.cat((bf.unsqueeze(-1) * vf, (bf * cum.exp()).unsqueeze(-1) * kf), dim=-1)
-    sol = torch.linalg.solve_triangular(a_mat + torch.eye(c, device=q.device, dtype=acc), rhs, upper=False, unitriangular=True)
+    sol = torch.linalg.solve_triangular(
+        a_mat + torch.eye(c, device=q.device, dtype=acc), rhs, upper=False, unitriangular=True
+    )
     w_v, w_k = sol[..., :dv], sol[..., dv:]  # U = w_v - w_k S0
     qk = (qf @ kf.transpose(-1, -2)) * decay_incl
     q_dec = qf * cum.exp().unsqueeze(-1)

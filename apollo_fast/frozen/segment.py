@@ -57,8 +57,10 @@ def prepare_segment(
             raise ValueError("attention_mask must hold only 0 and 1")
         # Right padding only: padded positions come after every real token, so no real token ever sees them.
         if bool((mask[:, 1:] > mask[:, :-1]).any()):
-            raise ValueError("attention_mask must be right-padded (ones then zeros per row); left padding would put "
-                             "pad tokens between the context and the segment")
+            raise ValueError(
+                "attention_mask must be right-padded (ones then zeros per row); left padding would put "
+                "pad tokens between the context and the segment"
+            )
         if bool((mask[:, 0] == 0).any()):
             raise ValueError("attention_mask has a row with no real token")
         labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
@@ -113,6 +115,7 @@ def segment_loss(
         )
     parts, h = _hidden(model, context, ids, gradient_checkpointing)
     logits = parts.lm_head(h[:, :-1]).float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss / count

@@ -102,7 +102,9 @@ class FrozenContextTrainer:
                 n = ids_j.shape[0] if mask_j is None else int(mask_j.sum())
                 rows.append((ids_j2[0, :n], labels_j2[0, :n]))
         else:
-            raise TypeError(f"segments must be a list of dicts, a batch dict or a tensor, got {type(segments).__name__}")
+            raise TypeError(
+                f"segments must be a list of dicts, a batch dict or a tensor, got {type(segments).__name__}"
+            )
         if not rows:
             raise ValueError("no segments given")
         size = self.micro_batch_size or len(rows)
@@ -120,12 +122,10 @@ class FrozenContextTrainer:
         if total == 0:
             raise ValueError("segments have no target tokens (labels are shifted inside; -100 is ignored)")
         loss_sum = torch.zeros((), device=self._device())
-        for (ids, labels), n in zip(batches, counts):
+        for (ids, labels), n in zip(batches, counts, strict=True):
             if n == 0:
                 continue
-            loss = segment_loss(
-                self.model, context, ids, labels, gradient_checkpointing=self.gradient_checkpointing
-            )
+            loss = segment_loss(self.model, context, ids, labels, gradient_checkpointing=self.gradient_checkpointing)
             (loss * (n / (total * self.grad_accum_steps))).backward()
             loss_sum += loss.detach() * n
         self._pending += 1
