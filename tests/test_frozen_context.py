@@ -311,3 +311,58 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(TypeError, match="FrozenContext"):
         segment_loss(model, {"not": "a context"}, seg)
     assert isinstance(ctx, FrozenContext) and ctx.length == 6 and ctx.nbytes > 0
+
+
+def test_gdn_kernel_dispatch_follows_the_agreed_interface(monkeypatch):
+    """Where apollo_fast.gdn serves (CUDA), GDN layers call gate() and segment_delta_rule() as GDN_API.md says.
+    A stand-in that checks every argument and computes with the plain path must give the reference gradients."""
+    from apollo_fast.frozen import gdn_ops
+
+    calls = []
+
+    class StandIn:
+        @staticmethod
+        def gate(a, b, A_log, dt_bias):
+            assert a.shape == b.shape and a.shape[-1] == A_log.shape[0] == dt_bias.shape[0]
+            calls.append("gate")
+            g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+            return g, b.sigmoid()
+
+        @staticmethod
+        def segment_delta_rule(
+            q, k, v, g, beta, initial_state=None, *, scale=None, use_qk_l2norm=True, output_final_state=True,
+            cu_seqlens=None, backend="auto",
+        ):  # fmt: skip
+            bsz, t, hv, dv = v.shape
+            assert q.shape == k.shape and q.shape[:2] == (bsz, t) and hv % q.shape[2] == 0
+            assert g.dtype == torch.float32 and g.shape == beta.shape == (bsz, t, hv)
+            assert use_qk_l2norm and scale is None and cu_seqlens is None and backend == "auto"
+            if initial_state is not None:
+                assert initial_state.dtype == torch.float32 and not initial_state.requires_grad
+                assert initial_state.shape[0] in (1, bsz) and initial_state.shape[1:] == (hv, k.shape[-1], dv)
+            calls.append("rule")
+            return delta_rule_chunked(q, k, v, g, beta, initial_state, output_final_state=output_final_state)
+
+    model = build("qwen3_next")
+    ctx_ids, seg = _ids(1, CTX_LEN, seed=60), _ids(2, 7, seed=61)
+    frozen_context_loss_ref(model, ctx_ids, seg).backward()
+    ref = _grads(model)
+    monkeypatch.setattr(gdn_ops, "fast_gdn_module", lambda device: StandIn)
+    segment_loss(model, encode_context(model, ctx_ids), seg).backward()
+    _assert_grads_close(ref, _grads(model), RTOL)
+    assert calls.count("rule") == 4 and calls.count("gate") == 4  # 2 GDN layers x (encode + segment)
+
+
+def test_cpu_tensors_never_reach_the_gdn_kernels(monkeypatch):
+    from apollo_fast.frozen import gdn_ops
+
+    class Refuses:
+        def __getattr__(self, name):
+            raise AssertionError(f"CPU tensors were sent to apollo_fast.gdn.{name}")
+
+    monkeypatch.setattr(gdn_ops, "_import_gdn", lambda: Refuses())
+    model = build("qwen3_5")
+    segment_loss(model, encode_context(model, _ids(1, 9, seed=62)), _ids(1, 5, seed=63)).backward()
+    monkeypatch.setenv("APOLLO_FAST_FROZEN_GDN", "fast")
+    with pytest.raises(ValueError, match="APOLLO_FAST_FROZEN_GDN"):
+        gdn_ops.fast_gdn_module(torch.device("cpu"))

@@ -55,8 +55,9 @@ def _layer_kinds(parts) -> tuple[str, ...]:
     return tuple("attention" if isinstance(m, AttentionAdapter) else "gdn" for m in parts.mixers)
 
 
-def check_ids(name: str, ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Validate token ids: integer [B, T] (a 1-D [T] gets B = 1) with T >= 1, on the model's device, in vocab."""
+def check_ids(name: str, ids: torch.Tensor, model: nn.Module, check_range: bool = True) -> torch.Tensor:
+    """Validate token ids: integer [B, T] (a 1-D [T] gets B = 1) with T >= 1, on the model's device, in vocab
+    (the vocabulary check syncs with the device; callers that batch their checks pass check_range=False)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
@@ -68,10 +69,14 @@ def check_ids(name: str, ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
     device = next(model.parameters()).device
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device} but the model is on {device}")
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise ValueError(f"{name} has token ids outside [0, {vocab})")
+    if check_range and bool(out_of_vocab(ids, model).any()):
+        raise ValueError(f"{name} has token ids outside [0, {model.get_input_embeddings().num_embeddings})")
     return ids.long()
+
+
+def out_of_vocab(ids: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Bool tensor: which ids lie outside [0, vocab)."""
+    return (ids < 0) | (ids >= model.get_input_embeddings().num_embeddings)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:

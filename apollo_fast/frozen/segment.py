@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import ModelParts, model_parts
-from .context import FrozenContext, _layer_kinds, check_ids
+from .context import FrozenContext, _layer_kinds, check_ids, out_of_vocab
 from .forward import run_layers
 
 __all__ = ["segment_logits", "segment_loss", "prepare_segment"]
@@ -33,38 +33,48 @@ def prepare_segment(
     input_ids: torch.Tensor,
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a segment batch; return ids [B, T] and labels [B, T] (-100 at padding and where given)."""
-    ids = check_ids("input_ids", input_ids, model)
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Validate a segment batch; return ids [B, T], labels [B, T] (-100 at padding) and the number of targets.
+
+    The value checks are gathered into one device-to-host copy (one sync per segment batch).
+    """
+    ids = check_ids("input_ids", input_ids, model, check_range=False)
+    checks: list[tuple[torch.Tensor, str]] = [
+        (out_of_vocab(ids, model).any(), "input_ids has token ids outside the vocabulary")
+    ]
     if labels is None:
-        labels = ids.clone()
+        labels = ids
     else:
         if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point:
             raise TypeError("labels must be an integer torch.Tensor")
         labels = labels.unsqueeze(0) if labels.dim() == 1 else labels
         if labels.shape != ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(ids.shape)}")
-        labels = labels.to(ids.device, torch.long).clone()
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= model.get_input_embeddings().num_embeddings))
-        if bool(bad.any()):
-            raise ValueError("labels hold ids outside the vocabulary (use -100 to ignore a position)")
+        labels = labels.to(ids.device, torch.long)
+        bad = (labels != IGNORE_INDEX) & out_of_vocab(labels, model)
+        checks.append((bad.any(), "labels hold ids outside the vocabulary (use -100 to ignore a position)"))
     if attention_mask is not None:
         mask = attention_mask.unsqueeze(0) if attention_mask.dim() == 1 else attention_mask
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
         mask = mask.to(ids.device)
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1")
+        checks.append((((mask != 0) & (mask != 1)).any(), "attention_mask must hold only 0 and 1"))
         # Right padding only: padded positions come after every real token, so no real token ever sees them.
-        if bool((mask[:, 1:] > mask[:, :-1]).any()):
-            raise ValueError(
+        checks.append(
+            (
+                (mask[:, 1:] > mask[:, :-1]).any(),
                 "attention_mask must be right-padded (ones then zeros per row); left padding would put "
-                "pad tokens between the context and the segment"
+                "pad tokens between the context and the segment",
             )
-        if bool((mask[:, 0] == 0).any()):
-            raise ValueError("attention_mask has a row with no real token")
+        )
+        checks.append(((mask[:, 0] == 0).any(), "attention_mask has a row with no real token"))
         labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
-    return ids, labels
+    count = (labels[:, 1:] != IGNORE_INDEX).sum()
+    values = torch.stack([c.to(torch.int64) for c, _ in checks] + [count]).tolist()
+    for failed, (_, message) in zip(values[:-1], checks, strict=True):
+        if failed:
+            raise ValueError(message)
+    return ids, labels, int(values[-1])
 
 
 def _hidden(model, context, ids, gradient_checkpointing: bool) -> tuple[ModelParts, torch.Tensor]:
@@ -85,7 +95,7 @@ def segment_logits(
     gradient_checkpointing: bool = False,
 ) -> torch.Tensor:
     """Logits [B, T, V] of segment tokens input_ids [B, T] placed right after the context (positions Lc..Lc+T-1)."""
-    ids, _ = prepare_segment(model, input_ids, None, attention_mask)
+    ids, _, _ = prepare_segment(model, input_ids, None, attention_mask)
     parts, h = _hidden(model, context, ids, gradient_checkpointing)
     return parts.lm_head(h)
 
@@ -105,14 +115,13 @@ def segment_loss(
     segment itself; attention_mask [B, T] right-padded. The mean is over all target tokens of the batch.
     Differentiable w.r.t. the model's parameters, never w.r.t. the context.
     """
-    ids, labels = prepare_segment(model, input_ids, labels, attention_mask)
-    targets = labels[:, 1:]
-    count = int((targets != IGNORE_INDEX).sum())
+    ids, labels, count = prepare_segment(model, input_ids, labels, attention_mask)
     if count == 0:
         raise ValueError(
             "segment has no target tokens: labels are shifted inside, so a segment needs >= 2 tokens and at "
             "least one label != -100 after its first position"
         )
+    targets = labels[:, 1:]
     parts, h = _hidden(model, context, ids, gradient_checkpointing)
     logits = parts.lm_head(h[:, :-1]).float()
     loss = F.cross_entropy(

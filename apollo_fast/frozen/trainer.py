@@ -81,7 +81,7 @@ class FrozenContextTrainer:
         if isinstance(segments, Mapping):
             if "input_ids" not in segments:
                 raise ValueError("a segment batch needs 'input_ids'")
-            ids, labels = prepare_segment(
+            ids, labels, _ = prepare_segment(
                 self.model, segments["input_ids"], segments.get("labels"), segments.get("attention_mask")
             )
             lengths = (
@@ -98,7 +98,7 @@ class FrozenContextTrainer:
                 ids_j = _as_row(seg["input_ids"], "input_ids", device)
                 labels_j = None if seg.get("labels") is None else _as_row(seg["labels"], "labels", device)
                 mask_j = None if seg.get("attention_mask") is None else _as_row(seg["attention_mask"], "mask", device)
-                ids_j2, labels_j2 = prepare_segment(self.model, ids_j, labels_j, mask_j)
+                ids_j2, labels_j2, _ = prepare_segment(self.model, ids_j, labels_j, mask_j)
                 n = ids_j.shape[0] if mask_j is None else int(mask_j.sum())
                 rows.append((ids_j2[0, :n], labels_j2[0, :n]))
         else:
