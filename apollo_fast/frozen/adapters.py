@@ -7,6 +7,7 @@ MLP/MoE, gated norm) and do the token mixing (attention, causal conv, delta rule
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -178,8 +179,18 @@ def _gdn_adapter(module: nn.Module) -> GDNAdapter:
     )
 
 
+_PARTS: weakref.WeakKeyDictionary[nn.Module, ModelParts] = weakref.WeakKeyDictionary()
+
+
 def model_parts(model: nn.Module) -> ModelParts:
     """Check that `model` is a supported causal LM and return its parts; ValueError naming what is not supported."""
+    parts = _PARTS.get(model)
+    if parts is None or len(parts.layers) != len(model.model.layers):
+        parts = _PARTS[model] = _build_parts(model)
+    return parts
+
+
+def _build_parts(model: nn.Module) -> ModelParts:
     arch = type(model).__name__
     if arch not in SUPPORTED_MODELS:
         raise ValueError(
