@@ -158,7 +158,7 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def run_method(name, clock, setup, step, n_steps, warmup) -> dict:
+def run_method(name, model, clock, setup, step, n_steps, warmup) -> dict:
     """setup() -> state (timed once, the context cost); step(state, i) per segment (timed)."""
     result = {"method": name}
     try:
@@ -186,6 +186,7 @@ def run_method(name, clock, setup, step, n_steps, warmup) -> dict:
             raise
         result["error"] = "OOM" if _is_oom(err) else f"{type(err).__name__}: {str(err)[:200]}"
     finally:
+        model.zero_grad(set_to_none=True)  # an OOM in backward leaves gradients behind
         if clock.cuda:
             torch.cuda.empty_cache()
     return result
@@ -209,7 +210,7 @@ def bench_context(model, ctx_len, args, device, clock) -> list[dict]:
         zero()
 
     if not args.skip_anchors:
-        rows.append(run_method("full-seq", clock, None, full_step, n, warm))
+        rows.append(run_method("full-seq", model, clock, None, full_step, n, warm))
 
         def hf_prefix():
             with torch.no_grad():
@@ -221,19 +222,19 @@ def bench_context(model, ctx_len, args, device, clock) -> list[dict]:
                 model(input_ids=segs[i], past_key_values=mine, use_cache=True, labels=segs[i]).loss.backward()
             zero()
 
-        rows.append(run_method("hf-prefix", clock, hf_prefix, hf_step, n, warm))
+        rows.append(run_method("hf-prefix", model, clock, hf_prefix, hf_step, n, warm))
 
     def ours_step(ctx, i):
         segment_loss(model, ctx, segs[i]).backward()
         zero()
 
-    rows.append(run_method("ours", clock, lambda: encode_context(model, ctx_ids), ours_step, n, warm))
+    rows.append(run_method("ours", model, clock, lambda: encode_context(model, ctx_ids), ours_step, n, warm))
 
     def ours_batch_step(ctx, i):
         segment_loss(model, ctx, batch).backward()
         zero()
 
-    r = run_method("ours-batch", clock, lambda: encode_context(model, ctx_ids), ours_batch_step, 2, 1)
+    r = run_method("ours-batch", model, clock, lambda: encode_context(model, ctx_ids), ours_batch_step, 2, 1)
     for key in ("step_ms_median", "step_ms_min", "step_ms_max"):
         if key in r:
             r[key] /= n  # per segment

@@ -81,6 +81,8 @@ def delta_rule(
     """Gated delta rule (L2-normalised q, k; scale dk^-1/2) from a constant initial state; see delta_rule_chunked."""
     gdn = fast_gdn_module(q.device)
     if gdn is not None:
+        # q, k, v arrive as strided views of the conv output; the kernels get dense tensors.
+        q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
         return gdn.segment_delta_rule(
             q, k, v, g, beta, initial_state, use_qk_l2norm=True, output_final_state=output_final_state
         )
