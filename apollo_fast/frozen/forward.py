@@ -1,0 +1,131 @@
+"""The layer-by-layer forward of a token block after an optional frozen context (shared by encode and segment).
+
+The context's tensors are only read: attention concatenates the frozen keys/values in front of the
+block's own, GDN layers start their causal conv from the frozen prefix and the delta rule from the frozen
+state. So the block is differentiable w.r.t. the model's parameters and never w.r.t. the context.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .adapters import AttentionAdapter, GDNAdapter, ModelParts
+from .gdn_ops import causal_conv_with_prefix, delta_rule, gdn_gate
+
+__all__ = ["run_layers", "attend_after_context"]
+
+LayerState = tuple[torch.Tensor, torch.Tensor]  # attention: (k, v); GDN: (conv prefix, recurrent state)
+
+
+def attend_after_context(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx_k: torch.Tensor | None,
+    ctx_v: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Causal softmax attention of q [B, H, T, D] over frozen ctx_k/v [B|1, Hkv, Lc, D] then k, v [B, Hkv, T, D]."""
+    bsz, heads, t, d = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    if ctx_k is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scaling, dropout_p=dropout_p, enable_gqa=groups > 1
+        )
+    lc = ctx_k.shape[2]
+    k_all = torch.cat((ctx_k.expand(bsz, -1, -1, -1), k), dim=2)
+    v_all = torch.cat((ctx_v.expand(bsz, -1, -1, -1), v), dim=2)
+    # Fold the query heads of one KV group into the query rows so K/V are never repeated per head.
+    q_rows = q.reshape(bsz, kv_heads, groups * t, d)
+    row_pos = torch.arange(t, device=q.device).repeat(groups) + lc
+    mask = torch.arange(lc + t, device=q.device)[None, :] <= row_pos[:, None]
+    o = F.scaled_dot_product_attention(q_rows, k_all, v_all, attn_mask=mask, scale=scaling, dropout_p=dropout_p)
+    return o.reshape(bsz, heads, t, d)
+
+
+def _attention_mixer(
+    mixer: AttentionAdapter, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], state: LayerState | None
+) -> tuple[torch.Tensor, LayerState]:
+    q, k, v, gate = mixer.project(x, *rope)
+    ctx_k, ctx_v = state if state is not None else (None, None)
+    module = mixer.module
+    dropout = float(getattr(module, "attention_dropout", 0.0)) if module.training else 0.0
+    o = attend_after_context(q, k, v, ctx_k, ctx_v, mixer.scaling, dropout)
+    return mixer.output(o, gate), (k, v)
+
+
+def _gdn_mixer(
+    mixer: GDNAdapter, x: torch.Tensor, state: LayerState | None, want_state: bool
+) -> tuple[torch.Tensor, LayerState | None]:
+    qkv, z, b, a = mixer.project(x)
+    conv_prefix, recurrent = state if state is not None else (None, None)
+    conv_out, new_prefix = causal_conv_with_prefix(qkv, conv_prefix, mixer.conv_weight)
+    q, k, v = mixer.split_heads(conv_out)
+    g, beta = gdn_gate(a, b, mixer.module.A_log, mixer.module.dt_bias)
+    o, new_recurrent = delta_rule(q, k, v, g, beta, recurrent, output_final_state=want_state)
+    out = mixer.output(o, z)
+    return out, ((new_prefix, new_recurrent) if want_state else None)
+
+
+def _layer(
+    layer: torch.nn.Module,
+    mixer: AttentionAdapter | GDNAdapter,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    state: LayerState | None,
+    want_state: bool,
+    h: torch.Tensor,
+) -> tuple[torch.Tensor, LayerState | None]:
+    """One decoder layer (pre-norm residual mixer, then pre-norm residual MLP/MoE) on h [B, T, d]."""
+    x = layer.input_layernorm(h)
+    if isinstance(mixer, AttentionAdapter):
+        mixed, new_state = _attention_mixer(mixer, x, rope, state)
+    else:
+        mixed, new_state = _gdn_mixer(mixer, x, state, want_state)
+    h = h + mixed
+    y = layer.mlp(layer.post_attention_layernorm(h))
+    if isinstance(y, tuple):  # MoE blocks may return (hidden, router_logits)
+        y = y[0]
+    return h + y, (new_state if want_state else None)
+
+
+def _layer_hidden_only(layer, mixer, rope, state, h: torch.Tensor) -> torch.Tensor:
+    return _layer(layer, mixer, rope, state, False, h)[0]
+
+
+def run_layers(
+    parts: ModelParts,
+    input_ids: torch.Tensor,
+    offset: int,
+    states: tuple[LayerState | None, ...] | None,
+    *,
+    want_states: bool,
+    gradient_checkpointing: bool = False,
+) -> tuple[torch.Tensor, list[LayerState] | None]:
+    """input_ids [B, T] at positions offset.. -> last hidden state [B, T, d] (before the final norm), new states.
+
+    states: per layer, the frozen context's (k, v) or (conv prefix, recurrent state), or None (no context).
+    Gradient checkpointing recomputes each layer in backward; that is safe because the states are read-only.
+    """
+    h = parts.embed(input_ids)
+    rope = None
+    if parts.rotary is not None and any(isinstance(m, AttentionAdapter) for m in parts.mixers):
+        pos = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        rope = parts.rotary(h, pos)
+    new_states: list[Any] | None = [] if want_states else None
+    for i, (layer, mixer) in enumerate(zip(parts.layers, parts.mixers, strict=True)):
+        state = None if states is None else states[i]
+        if gradient_checkpointing and not want_states and torch.is_grad_enabled():
+            fn = partial(_layer_hidden_only, layer, mixer, rope, state)
+            h = checkpoint(fn, h, use_reentrant=False)
+            continue
+        h, new_state = _layer(layer, mixer, rope, state, want_states, h)
+        if new_states is not None:
+            new_states.append(new_state)
+    return h, new_states
