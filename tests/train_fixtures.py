@@ -34,6 +34,15 @@ except ImportError:
 real_frozen = pytest.mark.skipif(not HAVE_FROZEN, reason="frozen-context core not merged yet")
 
 
+def one_thread():
+    """Generator for a module-scoped autouse fixture: torch on one thread (tiny ops on 2 shared cores run
+    ~10x faster without OpenMP contention), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_tokenizer(bos: bool = False):
     """A character-level PreTrainedTokenizerFast (vocab < 64); with bos=True it prepends [BOS] like Llama's."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
