@@ -224,6 +224,7 @@ def test_cli_errors_are_clear(tmp_path, models, monkeypatch, capsys):
 
     assert run("--data", str(bad), "--out", str(tmp_path / "r0")) == 2
     assert f'{bad}:2: "segments" must be a list' in capsys.readouterr().err
+    assert not (tmp_path / "r0").exists(), "nothing may be written before the data is valid"
 
     out = str(tmp_path / "r1")
     assert run("--data", str(good), "--out", out, "--steps", "2") == 0
@@ -251,3 +252,22 @@ def test_cli_errors_are_clear(tmp_path, models, monkeypatch, capsys):
 def test_missing_frozen_core_is_reported():
     with pytest.raises(steps.FrozenCoreMissing, match="frozen-context core"):
         steps.load_frozen_api()
+
+
+@pytest.mark.gpu
+@real_frozen
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def test_train_on_gpu_in_bf16(tmp_path, models, arch):
+    """On CUDA in bf16 through the real frozen path: finite losses that go down, a bf16 model saved."""
+    data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(16, seed=4))
+    cfg = TrainConfig(
+        model=str(models[arch]), data=str(data), out=str(tmp_path / "run"), epochs=4, lr=1e-2, rank=8,
+        device="cuda", dtype="bfloat16", checkpoint_every=0, progress=False,
+    )  # fmt: skip
+    result = train(cfg)
+    losses = torch.tensor(result.history["loss"])
+    assert torch.isfinite(losses).all() and losses[-8:].mean() < losses[:8].mean(), losses
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype="auto")
+    assert next(loaded.parameters()).dtype == torch.bfloat16

@@ -151,17 +151,15 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError("mini (APOLLO-Mini) fixes rank 1: do not also give rank")
 
 
-def _prepare_out(cfg: TrainConfig, out: Path) -> None:
-    """Refuse to write over an earlier run unless resuming it or told to overwrite."""
+def _earlier_run(cfg: TrainConfig, out: Path) -> list[Path]:
+    """What an earlier run left in `out`; FileExistsError unless resuming it or told to overwrite."""
     earlier = [p for p in (out / MODEL_DIR, out / CHECKPOINT_DIR) if p.exists()]
-    if cfg.resume is None and earlier:
-        if not cfg.overwrite:
-            raise FileExistsError(
-                f"{out} already holds a run ({', '.join(p.name for p in earlier)}): resume it with --resume, "
-                "choose another --out, or pass --overwrite"
-            )
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # the model dir is replaced atomically at the end
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume is None and earlier and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(p.name for p in earlier)}): resume it with --resume, "
+            "choose another --out, or pass --overwrite"
+        )
+    return earlier
 
 
 def _load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:
@@ -246,7 +244,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     _check_config(cfg)
     _steps.load_frozen_api()  # fail before any work when the frozen-context core is missing
     out = Path(cfg.out)
-    _prepare_out(cfg, out)
+    earlier = _earlier_run(cfg, out)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = _load_model(cfg, device)
 
@@ -288,6 +286,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         _set_rng_state(state["rng"])
         history, start = {k: list(v) for k, v in state["history"].items()}, int(state["step"])
         optimizer.skipped_steps = int(state.get("skipped_steps", 0))
+    # Data and settings are valid: only now is anything in `out` written or removed.
+    if cfg.resume is None and earlier:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # --overwrite; the model dir is replaced at the end
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RUN_FILE, json.dumps({**asdict(cfg), "total_steps": total_steps}, indent=2) + "\n")
 
     def checkpoint(step: int) -> Path:

@@ -50,7 +50,7 @@ def write_loss_plot(history: dict[str, list[float]], path: str | Path, title: st
     FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend
     ax = fig.add_subplot(1, 1, 1)
     steps = history["step"]
-    window = max(1, len(steps) // 50)
+    window = max(1, len(steps) // 25)
     mixed = any(not math.isnan(v) for v in history["general"])
     series = [("behaviour", "tab:blue"), ("general", "tab:orange")] if mixed else [("loss", "tab:blue")]
     for key, color in series:
