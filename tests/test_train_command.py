@@ -67,20 +67,22 @@ def weights_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 
 def example_with_empty_prompt(tmp_path, tok):
-    row = {"context": "hello world", "segments": [{"prompt": "", "target": "abc"}, {"prompt": " q:", "target": "xy"}]}
+    segs = [{"prompt": "", "target": "abc"}, {"prompt": " q:", "target": "xy"}, {"prompt": " r", "target": "long one"}]
+    row = {"context": "hello world", "segments": segs}
     (ex,) = load_behaviour(write_jsonl(tmp_path / "one.jsonl", [row]), tok)
     return row, ex
 
 
-def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monkeypatch):
-    """The data plumbing (label placement, empty-prompt carry, token weighting) against a hand-built loss."""
+@pytest.mark.parametrize("segment_batch", [1, 2, 8])
+def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monkeypatch, segment_batch):
+    """The data plumbing (labels, empty-prompt carry, padding, token weighting) against a hand-built loss."""
     from apollo_fast.toy import tiny_causal_lm
 
     use_fallback(monkeypatch)  # full-sequence gradients: comparable to the direct loss below
     tok = make_tokenizer()
     row, ex = example_with_empty_prompt(tmp_path, tok)
     model = tiny_causal_lm(seed=3)
-    got = steps.behaviour_backward(model, ex, weight=0.5)
+    got = steps.behaviour_backward(model, ex, weight=0.5, segment_batch=segment_batch)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
@@ -102,13 +104,20 @@ def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monk
 @real_frozen
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_real_frozen_path_gives_the_full_sequence_loss_value(tmp_path, arch):
-    """encode_context + segment_loss through behaviour_backward: the loss value equals the full-sequence one."""
+    """encode_context + segment_loss through behaviour_backward: the loss value equals the full-sequence one;
+    padded batches of segments give the same loss and gradients as one segment at a time."""
     from apollo_fast.toy import tiny_causal_lm
 
     tok = make_tokenizer()
     _, ex = example_with_empty_prompt(tmp_path, tok)
     model = tiny_causal_lm(arch=arch, layers=4 if arch == "qwen3_5" else 2, seed=2)
-    got = steps.behaviour_backward(model, ex, weight=1.0)
+    one_by_one = steps.behaviour_backward(model, ex, weight=1.0, segment_batch=1)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    got = steps.behaviour_backward(model, ex, weight=1.0, segment_batch=8)
+    assert_close("batched vs one-by-one loss", one_by_one, got, rtol=1e-5)
+    for name, g in grads.items():
+        assert_close(f"batched vs one-by-one grad {name}", g, dict(model.named_parameters())[name].grad, 1e-4, 1e-7)
     q_grads = [p.grad for n, p in model.named_parameters() if "q_proj" in n]
     assert q_grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in q_grads)
     with torch.no_grad():
@@ -271,3 +280,14 @@ def test_train_on_gpu_in_bf16(tmp_path, models, arch):
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype="auto")
     assert next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_pad_segments_right_pads_with_ignored_labels(tmp_path):
+    _, ex = example_with_empty_prompt(tmp_path, make_tokenizer())
+    ids, labels, mask = steps.pad_segments(ex.segments)
+    lengths = [s.input_ids.numel() for s in ex.segments]
+    assert ids.shape == labels.shape == mask.shape == (3, max(lengths))
+    for row, (seg, n) in enumerate(zip(ex.segments, lengths, strict=True)):
+        assert torch.equal(ids[row, :n], seg.input_ids) and torch.equal(labels[row, :n], seg.labels)
+        assert (labels[row, n:] == IGNORE).all() and mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+    assert steps.pad_segments(ex.segments[:1])[2] is None

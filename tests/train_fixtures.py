@@ -109,6 +109,7 @@ def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask
 
     Same value as the frozen loss (labels shifted inside the segment, so its first label is unused);
     NOT the same gradients, since here gradients also flow through the context's activations.
+    attention_mask may only mark right padding, which causal attention and -100 labels make inert.
     """
     labels = input_ids if labels is None else labels
     labels = labels.clone()

@@ -84,6 +84,7 @@ class TrainConfig:
     device: str | None = None
     dtype: str = "auto"
     skip_nonfinite: bool = False
+    segment_batch: int = 8  # segments of one example per forward (right-padded batch)
     gradient_checkpointing: bool = False  # of the segments' layers (frozen path); general chunks run without it
     progress: bool = True
 
@@ -142,6 +143,7 @@ def _check_config(cfg: TrainConfig) -> None:
     positive_int("grad_accum", cfg.grad_accum)
     positive_int("checkpoint_every", cfg.checkpoint_every, 0)
     positive_int("keep_checkpoints", cfg.keep_checkpoints)
+    positive_int("segment_batch", cfg.segment_batch)
     positive_int("seed", cfg.seed, 0)
     if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be > 0 (or None to disable clipping), got {cfg.max_grad_norm!r}")
@@ -320,7 +322,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             weights = _weights(items, cfg.mix_by)
             losses = torch.stack(
                 [
-                    _steps.item_backward(model, it, w, cfg.gradient_checkpointing)
+                    _steps.item_backward(model, it, w, cfg.gradient_checkpointing, cfg.segment_batch)
                     for it, w in zip(items, weights, strict=True)
                 ]
             )

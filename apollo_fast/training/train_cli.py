@@ -53,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device,
         dtype=args.dtype,
         skip_nonfinite=args.skip_nonfinite,
+        segment_batch=args.segment_batch,
         gradient_checkpointing=args.gradient_checkpointing,
         progress=not args.no_progress,
     )
@@ -135,6 +136,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     run.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype, help="load the model in this dtype")
+    run.add_argument(
+        "--segment-batch", type=int, default=d.segment_batch, help="segments per forward, right-padded (default 8)"
+    )
     run.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute the segments' layers in backward (less memory)"
     )
