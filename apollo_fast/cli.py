@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = [
     "apollo_fast.demo",
+    "apollo_fast.training.train_cli",
 ]
 
 

@@ -1,0 +1,361 @@
+"""The training run behind `apollo-fast train`: load, validate, stream, step, checkpoint, save.
+
+Output folder layout:
+    OUT/model/            the trained model (safetensors) + tokenizer: from_pretrained(OUT/model)
+    OUT/checkpoints/step-NNNNNNNN/   periodic checkpoints (see checkpoint.py); the newest is resumed
+    OUT/loss.png, OUT/loss.csv       the loss history (rewritten at every checkpoint and at the end)
+    OUT/run.json          the resolved settings of the run
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..optim import APOLLO
+from ..param_groups import apollo_param_groups
+from . import steps as _steps
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_pretrained_atomic,
+)
+from .data import BehaviourExample, GeneralItem, Limits, fingerprint, load_behaviour, load_general, max_positions
+from .mixing import BEHAVIOUR, GENERAL, MIX_BY, MixedStream, parse_fraction
+from .plot import new_history, write_loss_csv, write_loss_plot
+
+__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "LR_SCHEDULES", "DTYPES"]
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DIR, PLOT_FILE, CSV_FILE, RUN_FILE = "model", "loss.png", "loss.csv", "run.json"
+
+# Settings that change the trajectory: a resumed run must use the same ones as the checkpoint.
+_TRAJECTORY_KEYS = (
+    "general_fraction", "mix_by", "seed", "lr", "lr_schedule", "warmup_steps", "rank", "mini", "alpha",
+    "update_proj_gap", "weight_decay", "grad_accum", "max_grad_norm", "dtype", "skip_nonfinite",
+    "max_context_tokens", "max_segment_tokens", "general_chunk_tokens", "target_eos",
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """Everything `apollo-fast train` takes; paths are strings so the config is JSON-serialisable."""
+
+    model: str
+    data: str
+    out: str
+    general: str | None = None
+    general_fraction: str | None = None  # exact rational: '0.25', '1/3'
+    mix_by: str = "examples"
+    steps: int | None = None  # optimizer steps; default: one epoch of the behaviour data
+    epochs: float | None = None
+    lr: float = 1e-5
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    rank: int = 256
+    mini: bool = False
+    alpha: float | None = None
+    update_proj_gap: int = 200
+    weight_decay: float = 0.0
+    grad_accum: int = 1  # items (examples or general chunks) per optimizer step
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    max_context_tokens: int | None = None
+    max_segment_tokens: int | None = None
+    general_chunk_tokens: int = 1024
+    target_eos: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str | None = None  # a checkpoint dir, a checkpoints folder or a run folder
+    overwrite: bool = False
+    device: str | None = None
+    dtype: str = "auto"
+    skip_nonfinite: bool = False
+    segment_batch: int = 8  # segments of one example per forward (right-padded batch)
+    gradient_checkpointing: bool = False  # of the segments' layers (frozen path); general chunks run without it
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    tokenizer: Any
+    history: dict[str, list[float]]
+    steps: int
+    model_dir: Path
+    plot: Path
+    checkpoint: Path | None
+    resumed_from: Path | None = None
+    skipped_steps: int = 0
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 0, schedule: str = "constant") -> float:
+    """Learning rate of optimizer step `step` (1-based) of `total`: linear warmup, then the schedule (decay to 0)."""
+    if warmup > 0 and step <= warmup:
+        return base * step / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup - 1) / max(1, total - warmup)  # in [0, 1): the last step keeps a small lr
+    if schedule == "linear":
+        return base * (1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ValueError("give either steps or epochs, not both")
+    if cfg.steps is not None:
+        positive_int("steps", cfg.steps)
+    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise ValueError(f"epochs must be > 0, got {cfg.epochs!r}")
+    if cfg.general is None and cfg.general_fraction is not None:
+        raise ValueError("general_fraction was given without general data (--general)")
+    if cfg.general is not None:
+        if cfg.general_fraction is None:
+            raise ValueError("general data needs a general fraction (--general-fraction, e.g. 0.25)")
+        if parse_fraction(cfg.general_fraction) == 0:
+            raise ValueError("general fraction must be > 0 when general data is given")
+    if cfg.mix_by not in MIX_BY:
+        raise ValueError(f"mix_by must be one of {MIX_BY}, got {cfg.mix_by!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
+    positive_int("warmup_steps", cfg.warmup_steps, 0)
+    positive_int("grad_accum", cfg.grad_accum)
+    positive_int("checkpoint_every", cfg.checkpoint_every, 0)
+    positive_int("keep_checkpoints", cfg.keep_checkpoints)
+    positive_int("segment_batch", cfg.segment_batch)
+    positive_int("seed", cfg.seed, 0)
+    if cfg.max_grad_norm is not None and not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be > 0 (or None to disable clipping), got {cfg.max_grad_norm!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.mini and cfg.rank != TrainConfig.rank:
+        raise ValueError("mini (APOLLO-Mini) fixes rank 1: do not also give rank")
+
+
+def _earlier_run(cfg: TrainConfig, out: Path) -> list[Path]:
+    """What an earlier run left in `out`; FileExistsError unless resuming it or told to overwrite."""
+    earlier = [p for p in (out / MODEL_DIR, out / CHECKPOINT_DIR) if p.exists()]
+    if cfg.resume is None and earlier and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(p.name for p in earlier)}): resume it with --resume, "
+            "choose another --out, or pass --overwrite"
+        )
+    return earlier
+
+
+def _load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model must be a local transformers model folder with config.json: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
+    return model.to(device), tokenizer
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> APOLLO:
+    nonfinite = "skip" if cfg.skip_nonfinite else "raise"
+    common = dict(update_proj_gap=cfg.update_proj_gap, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    groups = apollo_param_groups(model)
+    if cfg.mini:
+        alpha = {"alpha": cfg.alpha} if cfg.alpha is not None else {}
+        return APOLLO.mini(groups, lr=cfg.lr, nonfinite=nonfinite, **alpha, **common)
+    return APOLLO(groups, lr=cfg.lr, rank=cfg.rank, alpha=cfg.alpha, nonfinite=nonfinite, **common)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _weights(items: list[BehaviourExample | GeneralItem], mix_by: str) -> list[float]:
+    """Per-item loss weights of one optimizer step: equal per item, or per trained token with mix_by='tokens'."""
+    if mix_by == "tokens":
+        total = sum(it.n_target for it in items)
+        return [it.n_target / total for it in items]
+    return [1.0 / len(items)] * len(items)
+
+
+def _record(
+    step: int,
+    taken: list[tuple[str, int]],
+    items: list[BehaviourExample | GeneralItem],
+    weights: list[float],
+    losses: list[float],
+    lr: float,
+    seconds: float,
+    grad_norm: float,
+) -> dict[str, float]:
+    """One history entry (see plot.HISTORY_KEYS)."""
+    mean = {}
+    for source in (BEHAVIOUR, GENERAL):
+        mine = [v for (src, _), v in zip(taken, losses, strict=True) if src == source]
+        mean[source] = sum(mine) / len(mine) if mine else math.nan
+    return {
+        "step": step,
+        "loss": sum(w * v for w, v in zip(weights, losses, strict=True)),
+        BEHAVIOUR: mean[BEHAVIOUR],
+        GENERAL: mean[GENERAL],
+        "tokens": sum(it.n_tokens for it in items),
+        "lr": lr,
+        "seconds": seconds,
+        "grad_norm": grad_norm,
+    }
+
+
+def _trajectory(cfg: TrainConfig, total_steps: int, data_hash: str) -> dict[str, Any]:
+    d = asdict(cfg)
+    return {**{k: d[k] for k in _TRAJECTORY_KEYS}, "total_steps": total_steps, "data": data_hash}
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) training as configured; returns the trained model and where everything was written."""
+    from tqdm.auto import tqdm
+
+    _check_config(cfg)
+    _steps.load_frozen_api()  # fail before any work when the frozen-context core is missing
+    out = Path(cfg.out)
+    earlier = _earlier_run(cfg, out)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = _load_model(cfg, device)
+
+    limits = Limits(
+        max_positions=max_positions(model.config),
+        max_context_tokens=cfg.max_context_tokens,
+        max_segment_tokens=cfg.max_segment_tokens,
+        general_chunk_tokens=cfg.general_chunk_tokens,
+        target_eos=cfg.target_eos,
+    )
+    behaviour = load_behaviour(cfg.data, tokenizer, limits)
+    general = load_general(cfg.general, tokenizer, limits) if cfg.general else []
+    pools: dict[str, list[BehaviourExample | GeneralItem]] = {BEHAVIOUR: list(behaviour), GENERAL: general}
+    stream = MixedStream(
+        [it.n_target for it in behaviour],
+        [it.n_target for it in general],
+        fraction=cfg.general_fraction or 0,
+        mix_by=cfg.mix_by,
+        seed=cfg.seed,
+    )
+    if cfg.steps is not None:
+        total_steps = cfg.steps
+    else:
+        total_steps = math.ceil(stream.items_for_behaviour_epochs(cfg.epochs or 1.0) / cfg.grad_accum)
+    trajectory = _trajectory(cfg, total_steps, fingerprint(behaviour, general))
+
+    torch.manual_seed(cfg.seed)
+    optimizer = _make_optimizer(cfg, model)
+    history, start, resumed_from = new_history(), 0, None
+    if cfg.resume is not None:
+        resumed_from = resolve_checkpoint(out if cfg.resume == "latest" else cfg.resume)
+        state = load_checkpoint(resumed_from, model)
+        changed = {k: (state["trajectory"].get(k), v) for k, v in trajectory.items() if state["trajectory"].get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"cannot resume {resumed_from}: the run's settings or data changed ({detail})")
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["stream"])
+        _set_rng_state(state["rng"])
+        history, start = {k: list(v) for k, v in state["history"].items()}, int(state["step"])
+        optimizer.skipped_steps = int(state.get("skipped_steps", 0))
+    # Data and settings are valid: only now is anything in `out` written or removed.
+    if cfg.resume is None and earlier:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # --overwrite; the model dir is replaced at the end
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RUN_FILE, json.dumps({**asdict(cfg), "total_steps": total_steps}, indent=2) + "\n")
+
+    def checkpoint(step: int) -> Path:
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "stream": stream.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+            "trajectory": trajectory,
+            "skipped_steps": optimizer.skipped_steps,
+        }
+        path = save_checkpoint(out / CHECKPOINT_DIR, step, model, state, keep=cfg.keep_checkpoints)
+        write_loss_csv(history, out / CSV_FILE)
+        write_loss_plot(history, out / PLOT_FILE)
+        return path
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not cfg.progress)
+    try:
+        for step in range(start + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_steps, cfg.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            taken = stream.take(cfg.grad_accum)
+            items = [pools[src][idx] for src, idx in taken]
+            weights = _weights(items, cfg.mix_by)
+            losses = torch.stack(
+                [
+                    _steps.item_backward(model, it, w, cfg.gradient_checkpointing, cfg.segment_batch)
+                    for it, w in zip(items, weights, strict=True)
+                ]
+            )
+            grad_norm = torch.zeros((), device=losses.device)
+            if cfg.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            *values, norm = torch.cat([losses, grad_norm.reshape(1).float()]).cpu().tolist()  # one host sync
+            seconds = time.perf_counter() - t0
+            record = _record(step, taken, items, weights, values, lr, seconds, norm)
+            for key, value in record.items():
+                history[key].append(value)
+            bar.update(1)
+            tok_s = record["tokens"] / max(record["seconds"], 1e-9)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
+                checkpoint(step)
+    finally:
+        bar.close()
+
+    write_loss_csv(history, out / CSV_FILE)
+    write_loss_plot(history, out / PLOT_FILE)
+    model_dir = save_pretrained_atomic(model, tokenizer, out / MODEL_DIR)
+    return TrainResult(
+        model=model,
+        tokenizer=tokenizer,
+        history=history,
+        steps=total_steps,
+        model_dir=model_dir,
+        plot=out / PLOT_FILE,
+        checkpoint=latest_checkpoint(out / CHECKPOINT_DIR),
+        resumed_from=resumed_from,
+        skipped_steps=optimizer.skipped_steps,
+        paths={"csv": out / CSV_FILE, "run": out / RUN_FILE},
+    )
