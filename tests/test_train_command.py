@@ -1,9 +1,7 @@
 """`apollo-fast train` end to end on tiny local models: learning, outputs, mixing, interruption and resume.
 
-The runs use the real frozen-context core when it is importable and otherwise the test fallback
-(full-sequence loss with context labels -100; same loss values, different gradients): see
-train_fixtures.use_frozen_api. Tests marked `real_frozen` exercise only the real path and skip
-only while it is not merged.
+The runs use the real frozen-context core; train_fixtures.fallback_segment_loss (full-sequence loss
+with context labels -100) is an independent check of its loss values.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import pytest
 import torch
 from helpers import assert_close
 from train_fixtures import (
-    HAVE_FROZEN,
     IGNORE,
     copy_behaviour,
     fallback_segment_loss,
@@ -23,9 +20,7 @@ from train_fixtures import (
     make_model_dir,
     make_tokenizer,
     one_thread,
-    real_frozen,
     use_fallback,
-    use_frozen_api,
     write_jsonl,
 )
 
@@ -101,7 +96,6 @@ def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monk
         assert_close(f"grad {name}", p.grad, grads[name], rtol=1e-5, atol=1e-9)
 
 
-@real_frozen
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_real_frozen_path_gives_the_full_sequence_loss_value(tmp_path, arch):
     """encode_context + segment_loss through behaviour_backward: the loss value equals the full-sequence one;
@@ -129,7 +123,6 @@ def test_real_frozen_path_gives_the_full_sequence_loss_value(tmp_path, arch):
 
 
 def test_train_llama_end_to_end(tmp_path, models, monkeypatch):
-    path = use_frozen_api(monkeypatch)
     data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(32, seed=0))
     out = tmp_path / "run"
     cfg = TrainConfig(
@@ -140,7 +133,7 @@ def test_train_llama_end_to_end(tmp_path, models, monkeypatch):
     h = result.history
     assert result.steps == 160 and h["step"] == list(range(1, 161))  # 10 epochs x 32 examples / 2 per step
     first, last = sum(h["loss"][:10]) / 10, sum(h["loss"][-10:]) / 10
-    assert last < 0.6 * first, f"{path} path: loss did not go down enough: {first:.3f} -> {last:.3f}"
+    assert last < 0.6 * first, f"loss did not go down enough: {first:.3f} -> {last:.3f}"
 
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "loss.csv").open()))
@@ -158,7 +151,6 @@ def test_train_llama_end_to_end(tmp_path, models, monkeypatch):
 
 
 def test_cli_qwen3_5_end_to_end(tmp_path, models, monkeypatch, capsys):
-    use_frozen_api(monkeypatch)
     data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(8, seed=1, segments=1))
     out = tmp_path / "run"
     argv = ["train", "--model", str(models["qwen3_5"]), "--data", str(data), "--out", str(out), "--steps", "10",
@@ -175,7 +167,6 @@ def test_cli_qwen3_5_end_to_end(tmp_path, models, monkeypatch, capsys):
 
 
 def test_general_mixing_share_in_a_run(tmp_path, models, monkeypatch):
-    use_frozen_api(monkeypatch)
     data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(5, seed=2, segments=1))
     general = write_jsonl(tmp_path / "g.jsonl", general_texts(4))
     cfg = TrainConfig(
@@ -190,7 +181,6 @@ def test_general_mixing_share_in_a_run(tmp_path, models, monkeypatch):
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, dropout_llama, monkeypatch, capsys):
     """Kill the run after its step-4 checkpoint; --resume must land on the uninterrupted run's weights, bit for bit."""
-    use_frozen_api(monkeypatch)
     data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(6, seed=3))
     general = write_jsonl(tmp_path / "g.jsonl", general_texts(5))
     common = ["--model", str(dropout_llama), "--data", str(data), "--general", str(general), "--general-fraction",
@@ -225,7 +215,6 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, dropout_llama, m
 
 
 def test_cli_errors_are_clear(tmp_path, models, monkeypatch, capsys):
-    use_frozen_api(monkeypatch)
     model = str(models["llama"])
     good = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(2))
     bad = write_jsonl(tmp_path / "bad.jsonl", [copy_behaviour(1)[0], '{"context": "x", "segments": 3}'])
@@ -257,14 +246,7 @@ def test_cli_errors_are_clear(tmp_path, models, monkeypatch, capsys):
     assert not (tmp_path / "r3").exists(), "nothing may be written before the check"
 
 
-@pytest.mark.skipif(HAVE_FROZEN, reason="checks the message shown while the frozen-context core is missing")
-def test_missing_frozen_core_is_reported():
-    with pytest.raises(steps.FrozenCoreMissing, match="frozen-context core"):
-        steps.load_frozen_api()
-
-
 @pytest.mark.gpu
-@real_frozen
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_train_on_gpu_in_bf16(tmp_path, models, arch):
     """On CUDA in bf16 through the real frozen path: finite losses that go down, a bf16 model saved."""

@@ -3,11 +3,9 @@
 Nothing is downloaded: the tokenizer is a character-level WordLevel model built with `tokenizers`,
 the model a tiny random one from apollo_fast.toy, both saved with save_pretrained into a folder.
 
-Until the frozen-context core (apollo_fast.encode_context / segment_loss) is merged, tests that
-only need loss *values* use `fallback_segment_loss`: the full-sequence loss over context + segment
-with the context positions' labels set to -100. Its loss equals the frozen loss; its gradients do
-not (they flow into the context). Tests of the real frozen path use `real_frozen` and skip only
-while the import is missing.
+`fallback_segment_loss` is an independent check of loss *values*: the full-sequence loss over
+context + segment with the context positions' labels set to -100. Its loss equals the frozen loss;
+its gradients do not (they flow into the context).
 """
 
 from __future__ import annotations
@@ -22,17 +20,6 @@ import torch
 
 IGNORE = -100
 CHARS = string.ascii_lowercase + string.digits + " .,:;!?->=_()"
-
-try:  # the frozen-context core, once merged
-    from apollo_fast import encode_context as _real_encode_context  # noqa: F401
-    from apollo_fast import segment_loss as _real_segment_loss  # noqa: F401
-
-    HAVE_FROZEN = True
-except ImportError:
-    HAVE_FROZEN = False
-
-real_frozen = pytest.mark.skipif(not HAVE_FROZEN, reason="frozen-context core not merged yet")
-
 
 def one_thread():
     """Generator for a module-scoped autouse fixture: torch on one thread (tiny ops on 2 shared cores run
@@ -118,16 +105,6 @@ def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask
     ids = torch.cat([context.expand(batch, -1), input_ids], dim=1)
     full_labels = torch.cat([torch.full_like(context.expand(batch, -1), IGNORE), labels], dim=1)
     return model(input_ids=ids, labels=full_labels, use_cache=False).loss
-
-
-def use_frozen_api(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The real frozen-context core when importable, else the fallback. Returns which one ('real'/'fallback')."""
-    if HAVE_FROZEN:
-        return "real"
-    from apollo_fast.training import steps
-
-    monkeypatch.setattr(steps, "load_frozen_api", lambda: (fallback_encode_context, fallback_segment_loss))
-    return "fallback"
 
 
 def use_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
