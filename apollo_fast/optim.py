@@ -119,6 +119,11 @@ class APOLLO(Optimizer):
             (no parameter or state changes) and counts it in ``skipped_steps``.
         backend: 'auto' (Triton on CUDA when available, else the reference), 'reference' (plain
             fp32 PyTorch, any device), 'triton', 'cuda'.
+        capturable: (backend 'triton') step counters live on the device and lr may be a device
+            tensor: step() makes no host sync and can be captured in a CUDA graph. Needs
+            nonfinite='skip' (the skip is decided on the device) and projection='philox'.
+        state_dtype: dtype of APOLLO's projected moments, torch.float32 (default) or torch.bfloat16
+            (backend 'triton'; math stays fp32). AdamW moments are always fp32.
     """
 
     def __init__(
@@ -140,6 +145,8 @@ class APOLLO(Optimizer):
         seed: int = 0,
         nonfinite: str = "raise",
         backend: str = "auto",
+        capturable: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -171,6 +178,8 @@ class APOLLO(Optimizer):
         self.seed = seed
         self.nonfinite = nonfinite
         self.backend = backend
+        self.capturable = capturable
+        self.state_dtype = state_dtype
         self.skipped_steps = 0
         self._param_index: dict[torch.Tensor, int] = {}
         self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
@@ -226,12 +235,32 @@ class APOLLO(Optimizer):
     # -- the step -------------------------------------------------------------------------------
 
     def _resolve_backend(self, backend: str) -> str:
-        if backend in ("auto", "reference"):
-            # The fused backends plug in here; until they land, 'auto' means the reference.
+        from .fused_apollo import FusedApollo, triton_usable
+
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if backend == "auto":
+            on_cuda = bool(devices) and all(d.type == "cuda" for d in devices)
+            backend = "triton" if on_cuda else "reference"
+        if self.state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
+        if backend == "reference":
+            if self.capturable or self.state_dtype != torch.float32:
+                raise ValueError("capturable=True and state_dtype=torch.bfloat16 need backend='triton'")
             return "reference"
-        raise NotImplementedError(
-            f"backend={backend!r} is not available in this build; use backend='reference'"
-        )
+        if backend == "triton":
+            bad = sorted(str(d) for d in devices if not triton_usable(d))
+            if bad:
+                raise ValueError(f"backend='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {bad}")
+            if self.capturable and self.nonfinite == "raise":
+                raise ValueError(
+                    "capturable=True with nonfinite='raise' is unsupported: raising needs a host sync; "
+                    "pass nonfinite='skip' (the skip is then decided on the device)"
+                )
+            if self.capturable and self.projection == "official":
+                raise ValueError("capturable=True with projection='official' is unsupported (its redraw runs on the host)")
+            self._fused = FusedApollo(self)
+            return "triton"
+        raise NotImplementedError(f"backend={backend!r} is not available in this build; use 'triton' or 'reference'")
 
     def _name(self, group: dict[str, Any], i: int, p: torch.Tensor) -> str:
         names = group.get("param_names")
@@ -294,6 +323,9 @@ class APOLLO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._collect()
+        if self._backend_impl == "triton":
+            self._fused.step(work)
+            return loss
         if not self._grads_finite(work):
             self.skipped_steps += 1
             return loss
