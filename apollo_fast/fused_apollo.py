@@ -10,6 +10,7 @@ Options are validated by `APOLLO`; this module only dispatches.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
@@ -47,6 +48,17 @@ def _to_device(rows: list[list[int]] | list[int], dtype: torch.dtype, device: to
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def _tile_map(tiles: list[int], device: torch.device) -> torch.Tensor:
+    """int32 tile -> row map for a launch whose row i owns tiles[i] consecutive programs."""
+    rows = torch.repeat_interleave(torch.arange(len(tiles), dtype=torch.int32), torch.tensor(tiles))
+    return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
+
+
+def _starts(tiles: list[int]) -> list[int]:
+    """First program of each row: exclusive prefix sums of `tiles`."""
+    return [0, *itertools.accumulate(tiles)][:-1]
 
 
 @dataclass
@@ -237,7 +249,7 @@ class FusedApollo:
 
         opt = self.opt
         group = cls.group
-        dev, tall, block_r = key[0], key[4], key[5]
+        dev, block_r = key[0], key[5]
         is16 = key[3] in (torch.float16, torch.bfloat16)
         block_c = 64 if block_r >= 128 else 128
         block_d = 64 if is16 else 32
@@ -260,11 +272,8 @@ class FusedApollo:
                 c_off += C
                 r_off += C * r
                 p_off += r * d if opt.projection == "philox" else 0
-            maps = tuple(
-                _to_device(torch.repeat_interleave(torch.arange(len(t)), torch.tensor(t)).tolist(), torch.int32, dev)
-                for t in (tiles_px, tiles_a, tiles_c)
-            )
-            starts = [[sum(t[:i]) for i in range(len(t))] for t in (tiles_px, tiles_a, tiles_c)]
+            maps = tuple(_tile_map(t, dev) for t in (tiles_px, tiles_a, tiles_c))
+            starts = [_starts(t) for t in (tiles_px, tiles_a, tiles_c)]
             ws = torch.empty((3, c_off), dtype=torch.float32, device=dev)
             r_buf = torch.empty(r_off, dtype=torch.float32, device=dev)
             p_buf = torch.empty(p_off, dtype=torch.float32, device=dev)
@@ -332,10 +341,8 @@ class FusedApollo:
         cache = self._cache.setdefault(("adamw",) + key, _Cached())
         if cache.layout != sizes:
             tiles = [math.ceil(s / ADAMW_BLOCK) for s in sizes]
-            cache.maps = (
-                _to_device(torch.repeat_interleave(torch.arange(len(tiles)), torch.tensor(tiles)).tolist(), torch.int32, dev),
-            )
-            cache.scratch = ([sum(tiles[:i]) for i in range(len(tiles))],)
+            cache.maps = (_tile_map(tiles, dev),)
+            cache.scratch = (_starts(tiles),)
             cache.layout, cache.rows = sizes, None
         (starts,) = cache.scratch
         lr = None if opt.capturable else float(group["lr"])

@@ -257,7 +257,9 @@ class APOLLO(Optimizer):
                     "pass nonfinite='skip' (the skip is then decided on the device)"
                 )
             if self.capturable and self.projection == "official":
-                raise ValueError("capturable=True with projection='official' is unsupported (its redraw runs on the host)")
+                raise ValueError(
+                    "capturable=True with projection='official' is unsupported (its redraw runs on the host)"
+                )
             self._fused = FusedApollo(self)
             return "triton"
         raise NotImplementedError(f"backend={backend!r} is not available in this build; use 'triton' or 'reference'")
