@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +31,6 @@ def triton_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _f64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _next_pow2(x: int) -> int:
@@ -62,63 +57,72 @@ def _starts(tiles: list[int]) -> list[int]:
 
 
 @dataclass
-class _Class:
-    """One launch class: the tensors of one group that share dtypes, orientation and rank block."""
+class _ApolloLaunch:
+    """One APOLLO launch class: matrices of one group with the same dtypes, orientation and rank block."""
 
+    key: tuple
     group: dict[str, Any]
     params: list[torch.Tensor] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
+    meta: torch.Tensor | None = None
+    rows: list[list[int]] = field(default_factory=list)
+    maps: tuple[torch.Tensor, ...] = ()
+    ws: torch.Tensor | None = None  # 3 x sum(C): ||N_k||^2 (then coef_k), ||R_k||^2, ||G_k||^2
+    r_buf: torch.Tensor | None = None  # sum(C x r) fp32: R
+    p_buf: torch.Tensor | None = None  # sum(r x d) fp32: P~ ('philox')
+    n_rchunk: int = 1
+    block_c: int = 64
+    block_d: int = 32
+    block_m: int = 16
+    block_n: int = 256
 
 
 @dataclass
-class _Cached:
-    """Device tables and scratch of one class, kept while their host contents stay the same."""
+class _AdamwLaunch:
+    """One AdamW launch class: the non-matrix tensors of one group with the same dtypes."""
 
-    rows: list[list[int]] | None = None
+    key: tuple
+    group: dict[str, Any]
+    params: list[torch.Tensor] = field(default_factory=list)
     meta: torch.Tensor | None = None
-    layout: tuple | None = None
-    maps: tuple[torch.Tensor, ...] = ()
-    scratch: tuple[torch.Tensor, ...] = ()
+    tile_map: torch.Tensor | None = None
 
 
 class FusedApollo:
-    """Runs `APOLLO.step` with the Triton kernels; holds launch tables and scratch, not state."""
+    """Runs `APOLLO.step` with the Triton kernels; holds launch tables and scratch, not state.
+
+    Launch classes, meta tables, tile maps and scratch are rebuilt only when the step's tensors
+    change (a new parameter, a new gradient buffer, loaded state); otherwise a step costs the host a
+    signature check, one small per-step table per class (non-capturable) and the launches.
+    """
 
     def __init__(self, opt: APOLLO) -> None:
         self.opt = opt
         self.poison_scratch = False  # tests: NaN-fill every scratch buffer before the launches
-        self._cache: dict[tuple, _Cached] = {}
-        self._found: dict[torch.device, torch.Tensor] = {}
         self.skipped_device: dict[torch.device, torch.Tensor] = {}  # capturable 'skip': device counter
         self.dot_precision = os.environ.get(DOT_PRECISION_ENV, "tf32")
         if self.dot_precision not in ("tf32", "tf32x3", "ieee"):
             raise ValueError(f"{DOT_PRECISION_ENV} must be tf32, tf32x3 or ieee, got {self.dot_precision!r}")
+        self._found: dict[torch.device, torch.Tensor] = {}
+        self._sig: tuple | None = None
+        self._apollo: list[_ApolloLaunch] = []
+        self._adamw: list[_AdamwLaunch] = []
+        self._host_t: dict[int, tuple[torch.Tensor, int]] = {}  # id(param) -> (its step tensor, steps taken)
 
-    # -- grouping ---------------------------------------------------------------------------------
+    # -- layout -----------------------------------------------------------------------------------
 
-    def _classes(self, work: list[tuple[dict[str, Any], torch.Tensor, str]]) -> tuple[dict, dict]:
-        opt = self.opt
-        apollo: dict[tuple, _Class] = {}
-        adamw: dict[tuple, _Class] = {}
-        for group, p, name in work:
-            if not p.is_contiguous():
-                raise ValueError(f"backend='triton' needs contiguous parameters: {name} is not")
-            gid = id(group)
-            if opt._uses_apollo(group, p):
-                r = opt._state_shape(group, p)[1]
-                if opt.projection == "philox" and r * min(p.shape) >= 2**32:
-                    raise ValueError(f"{name}: rank x min(m, n) must stay below 2**32 for the Philox projection")
-                block_r = min(256, max(16, _next_pow2(r)))
-                key = (p.device, gid, p.dtype, p.grad.dtype, p.shape[0] >= p.shape[1], block_r)
-                cls = apollo.setdefault(key, _Class(group))
-            else:
-                key = (p.device, gid, p.dtype, p.grad.dtype)
-                cls = adamw.setdefault(key, _Class(group))
-            cls.params.append(p)
-            cls.names.append(name)
-        return apollo, adamw
+    def invalidate(self) -> None:
+        """Forget the launch tables (the state was replaced); the next step rebuilds them."""
+        self._sig = None
+        self._host_t.clear()
 
-    def _prepare_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+    def _signature(self, work: list, grads: dict) -> tuple:
+        st = self.opt.state
+        return tuple(
+            (id(g), id(p), p.data_ptr(), grads[p].data_ptr(), id(st[p].get("exp_avg")), id(st[p].get("step")))
+            for g, p, _ in work
+        )
+
+    def _prepare_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         """Lazy state as the reference lays it out; step on the device when capturable."""
         opt = self.opt
         fresh = "exp_avg" not in opt.state[p]
@@ -134,7 +138,123 @@ class FusedApollo:
             for k in ("exp_avg", "exp_avg_sq"):
                 if state[k].dtype != opt.state_dtype:
                     state[k] = state[k].to(opt.state_dtype)
-        return state
+
+    def _build(self, work: list, grads: dict) -> None:
+        """Launch classes, tile maps, scratch and meta tables for the tensors of `work`."""
+        opt = self.opt
+        apollo: dict[tuple, _ApolloLaunch] = {}
+        adamw: dict[tuple, _AdamwLaunch] = {}
+        for group, p, name in work:
+            if not p.is_contiguous():
+                raise ValueError(f"backend='triton' needs contiguous parameters: {name} is not")
+            for dt in (p.dtype, p.grad.dtype):
+                _tl_dtype(dt)  # raises TypeError naming an unsupported dtype
+            if opt._uses_apollo(group, p):
+                r = opt.state[p]["exp_avg"].shape[1]
+                if opt.projection == "philox" and r * min(p.shape) >= 2**32:
+                    raise ValueError(f"{name}: rank x min(m, n) must stay below 2**32 for the Philox projection")
+                block_r = min(256, max(16, _next_pow2(r)))
+                key = (p.device, id(group), p.dtype, p.grad.dtype, p.shape[0] >= p.shape[1], block_r)
+                apollo.setdefault(key, _ApolloLaunch(key, group)).params.append(p)
+            else:
+                key = (p.device, id(group), p.dtype, p.grad.dtype)
+                adamw.setdefault(key, _AdamwLaunch(key, group)).params.append(p)
+        self._apollo = list(apollo.values())
+        self._adamw = list(adamw.values())
+        for la in self._apollo:
+            self._build_apollo(la, grads)
+        for lw in self._adamw:
+            self._build_adamw(lw, grads)
+        for dev in {p.device for _, p, _ in work}:
+            if dev not in self._found:
+                self._found[dev] = torch.zeros((), dtype=torch.int32, device=dev)
+
+    def _build_apollo(self, la: _ApolloLaunch, grads: dict) -> None:
+        from .kernels import tables as T
+
+        opt = self.opt
+        dev, g_dtype, block_r = la.key[0], la.key[3], la.key[5]
+        la.block_c = 64 if block_r >= 128 else 128
+        la.block_d = 64 if g_dtype in (torch.float16, torch.bfloat16) else 32
+        ranks = [opt.state[p]["exp_avg"].shape[1] for p in la.params]
+        la.n_rchunk = max(math.ceil(r / block_r) for r in ranks)
+        tiles_px, tiles_a, tiles_c, offsets = [], [], [], []
+        c_off = r_off = p_off = 0
+        for p, r in zip(la.params, ranks, strict=True):
+            m, n = p.shape
+            C, d = max(m, n), min(m, n)
+            offsets.append((c_off, r_off, p_off))
+            tiles_px.append(math.ceil(r * d / 1024))
+            tiles_a.append(math.ceil(C / la.block_c))
+            tiles_c.append(math.ceil(m / la.block_m) * math.ceil(n / la.block_n))
+            c_off, r_off = c_off + C, r_off + C * r
+            p_off += r * d if opt.projection == "philox" else 0
+        la.maps = tuple(_tile_map(t, dev) for t in (tiles_px, tiles_a, tiles_c))
+        starts = [_starts(t) for t in (tiles_px, tiles_a, tiles_c)]
+        la.ws = torch.empty((3, c_off), dtype=torch.float32, device=dev)
+        la.r_buf = torch.empty(r_off, dtype=torch.float32, device=dev)
+        la.p_buf = torch.empty(p_off, dtype=torch.float32, device=dev)
+        la.rows = []
+        for i, p in enumerate(la.params):
+            state = opt.state[p]
+            m, n = p.shape
+            c_off, r_off, p_off = offsets[i]
+            row = [0] * T.AP_WIDTH
+            row[T.AP_G], row[T.AP_W] = grads[p].data_ptr(), p.data_ptr()
+            row[T.AP_M], row[T.AP_V] = state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr()
+            row[T.AP_P] = la.p_buf.data_ptr() + 4 * p_off  # 'official': set per step in _official_p
+            row[T.AP_R] = la.r_buf.data_ptr() + 4 * r_off
+            row[T.AP_WS] = c_off
+            row[T.AP_C], row[T.AP_D], row[T.AP_RANK] = max(m, n), min(m, n), ranks[i]
+            row[T.AP_KEY_LO], row[T.AP_KEY_HI] = opt._param_index[p] - 1, opt.seed
+            row[T.AP_STEP] = state["step"].data_ptr() if opt.capturable else 0
+            row[T.AP_LIM] = state["limiter_norm"].data_ptr()
+            row[T.AP_TILE_PX], row[T.AP_TILE_A], row[T.AP_TILE_C] = (s[i] for s in starts)
+            la.rows.append(row)
+        la.meta = _to_device(la.rows, torch.int64, dev)
+
+    def _build_adamw(self, lw: _AdamwLaunch, grads: dict) -> None:
+        from .kernels import tables as T
+        from .kernels.adamw import ADAMW_BLOCK
+
+        opt = self.opt
+        tiles = [math.ceil(p.numel() / ADAMW_BLOCK) for p in lw.params]
+        lw.tile_map = _tile_map(tiles, lw.key[0])
+        rows = []
+        for p, start in zip(lw.params, _starts(tiles), strict=True):
+            state = opt.state[p]
+            row = [0] * T.AW_WIDTH
+            row[T.AW_P], row[T.AW_G] = p.data_ptr(), grads[p].data_ptr()
+            row[T.AW_M], row[T.AW_V] = state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr()
+            row[T.AW_N], row[T.AW_TILE] = p.numel(), start
+            row[T.AW_STEP] = state["step"].data_ptr() if opt.capturable else 0
+            rows.append(row)
+        lw.meta = _to_device(rows, torch.int64, lw.key[0])
+
+    def _host_steps(self, params: list[torch.Tensor]) -> list[int]:
+        """Steps taken so far by each parameter (non-capturable: the step tensors are on the CPU)."""
+        out = []
+        for p in params:
+            st = self.opt.state[p]["step"]
+            ent = self._host_t.get(id(p))
+            if ent is None or ent[0] is not st:
+                ent = (st, int(st.item()))  # a CPU tensor: no device sync
+                self._host_t[id(p)] = ent
+            out.append(ent[1])
+        return out
+
+    def _official_p(self, la: _ApolloLaunch, ts: list[int]) -> None:
+        """projection='official': point the rows at the stored P~, redrawn on the host at refreshes."""
+        from .kernels import tables as T
+
+        opt = self.opt
+        changed = False
+        for row, p, t in zip(la.rows, la.params, ts, strict=True):
+            ptr = opt._projection(la.group, p, opt.state[p], t + 1).data_ptr()
+            if row[T.AP_P] != ptr:
+                row[T.AP_P], changed = ptr, True
+        if changed:
+            la.meta = _to_device(la.rows, torch.int64, la.key[0])
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -148,36 +268,47 @@ class FusedApollo:
         if not work:
             return
         grads = {p: (p.grad if p.grad.is_contiguous() else p.grad.contiguous()) for _, p, _ in work}
-        for group, p, _ in work:
-            self._prepare_state(group, p)
-        apollo, adamw = self._classes(work)
-        devices = {p.device for _, p, _ in work}
-        for dev in devices:
-            if dev not in self._found:
-                self._found[dev] = torch.zeros((), dtype=torch.int32, device=dev)
-            self._found[dev].zero_()
+        sig = self._signature(work, grads)
+        if sig != self._sig:
+            for group, p, _ in work:
+                self._prepare_state(group, p)
+            self._build(work, grads)
+            self._sig = self._signature(work, grads)
+        for found in self._found.values():
+            found.zero_()
         if opt.capturable:
-            steps = [opt.state[p]["step"] for _, p, _ in work]
-            torch._foreach_add_(steps, 1.0)
+            torch._foreach_add_([opt.state[p]["step"] for _, p, _ in work], 1.0)
 
-        plans = []
-        for key, cls in apollo.items():
-            plan = self._apollo_plan(key, cls, grads)
-            plans.append(plan)
-            found = self._found[key[0]]
+        ap_dyn, aw_dyn = [], []
+        for la in self._apollo:
+            group, found = la.group, self._found[la.key[0]]
+            dyn = found  # placeholder pointer: capturable kernels read the device step instead
+            if not opt.capturable:
+                ts = self._host_steps(la.params)
+                dyn = self._apollo_dyn(group, ts, la.key[0])
+                if opt.projection == "official":
+                    self._official_p(la, ts)
+            ap_dyn.append(dyn)
+            if self.poison_scratch:
+                for t in (la.ws, la.r_buf, la.p_buf):
+                    t.fill_(float("nan"))
+            if la.n_rchunk > 1:
+                la.ws[:2].zero_()  # nn and rr are accumulated with atomics over rank chunks
             if opt.projection == "philox":
-                philox_projection_group(plan["meta"], plan["map_px"], cls.group["update_proj_gap"], opt.capturable)
+                philox_projection_group(la.meta, dyn, la.maps[0], group["update_proj_gap"], opt.capturable)
             apollo_project_group(
-                plan["meta"], plan["map_a"], plan["gg"], found,
-                sign=plan["sign"], g_dtype=plan["g_tl"], tall=key[4], n_rchunk=plan["n_rchunk"],
-                block_c=plan["block_c"], block_r=key[5], block_d=plan["block_d"],
+                la.meta, la.maps[1], la.ws[2], found,
+                sign=-1.0 if group["maximize"] else 1.0, g_dtype=_tl_dtype(la.key[3]), tall=la.key[4],
+                n_rchunk=la.n_rchunk, block_c=la.block_c, block_r=la.key[5], block_d=la.block_d,
                 dot_precision=self.dot_precision,
             )  # fmt: skip
-        aplans = []
-        for key, cls in adamw.items():
-            plan = self._adamw_plan(key, cls, grads)
-            aplans.append(plan)
-            nonfinite_check_group(plan["meta"], plan["map"], self._found[key[0]], plan["g_tl"])
+        for lw in self._adamw:
+            found = self._found[lw.key[0]]
+            if opt.capturable:
+                aw_dyn.append(found)
+            else:
+                aw_dyn.append(self._adamw_dyn(lw.group, self._host_steps(lw.params), lw.key[0]))
+            nonfinite_check_group(lw.meta, lw.tile_map, found, _tl_dtype(lw.key[3]))
 
         if not opt.capturable:
             if any(bool(f.item()) for f in self._found.values()):  # the step's one host sync
@@ -185,51 +316,73 @@ class FusedApollo:
                 opt.skipped_steps += 1
                 return
             torch._foreach_add_([opt.state[p]["step"] for _, p, _ in work], 1.0)
-        self._finish(apollo, plans, adamw, aplans)
+            for _, p, _ in work:
+                st, t = self._host_t[id(p)]
+                self._host_t[id(p)] = (st, t + 1)
+        self._finish(ap_dyn, aw_dyn)
         if opt.capturable and opt.nonfinite == "skip":
-            for dev in devices:
-                found_f = self._found[dev].float()
+            for dev, found in self._found.items():
                 steps = [opt.state[p]["step"] for _, p, _ in work if p.device == dev]
-                torch._foreach_add_(steps, found_f, alpha=-1.0)
+                torch._foreach_add_(steps, found.float(), alpha=-1.0)
                 if dev not in self.skipped_device:
                     self.skipped_device[dev] = torch.zeros((), dtype=torch.int64, device=dev)
-                self.skipped_device[dev].add_(self._found[dev])
+                self.skipped_device[dev].add_(found)
 
-    def _finish(self, apollo: dict, plans: list, adamw: dict, aplans: list) -> None:
+    def _apollo_dyn(self, group: dict[str, Any], ts: list[int], dev: torch.device) -> torch.Tensor:
+        """Per-matrix [eta_t * alpha, refresh index, first step] for this step (t = steps taken + 1)."""
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        by_t: dict[int, list[float]] = {}
+        for t in set(ts):
+            t1 = t + 1
+            eta = lr * math.sqrt(1.0 - beta2**t1) / (1.0 - beta1**t1)
+            by_t[t] = [eta * group["alpha"], float((t1 - 1) // group["update_proj_gap"]), float(t1 == 1)]
+        return _to_device([by_t[t] for t in ts], torch.float64, dev)
+
+    def _adamw_dyn(self, group: dict[str, Any], ts: list[int], dev: torch.device) -> torch.Tensor:
+        """Per-tensor [lr / (1 - b1^t), sqrt(1 - b2^t)] for this step."""
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        by_t = {t: [lr / (1.0 - beta1 ** (t + 1)), math.sqrt(1.0 - beta2 ** (t + 1))] for t in set(ts)}
+        return _to_device([by_t[t] for t in ts], torch.float64, dev)
+
+    def _finish(self, ap_dyn: list[torch.Tensor], aw_dyn: list[torch.Tensor]) -> None:
         from .kernels.adamw import adamw_group
         from .kernels.apollo_update import apollo_moments_group, apollo_scale_group, apollo_update_group
 
         opt = self.opt
         skip = opt.capturable and opt.nonfinite == "skip"
-        for (key, cls), plan in zip(apollo.items(), plans, strict=True):
-            g = cls.group
+        for la, dyn in zip(self._apollo, ap_dyn, strict=True):
+            g = la.group
             beta1, beta2 = g["betas"]
-            found = self._found[key[0]]
-            lr_t = self._lr_tensor(g, key[0], found)
+            found = self._found[la.key[0]]
+            lr_t = self._lr_tensor(g, la.key[0], found)
+            nn, rr, gg = la.ws[0], la.ws[1], la.ws[2]
             apollo_moments_group(
-                plan["meta"], plan["map_a"], plan["nn"], plan["rr"], found,
+                la.meta, la.maps[1], nn, rr, found,
                 beta1=beta1, beta2=beta2, eps=g["eps"], m_dtype=_tl_dtype(opt.state_dtype),
-                skip_on_found=skip, n_rchunk=plan["n_rchunk"], block_c=plan["block_c"], block_r=key[5],
+                skip_on_found=skip, n_rchunk=la.n_rchunk, block_c=la.block_c, block_r=la.key[5],
             )  # fmt: skip
             apollo_scale_group(
-                plan["meta"], plan["nn"], plan["rr"], plan["gg"], found, lr_t,
-                alpha=g["alpha"], beta1=beta1, beta2=beta2, gamma=g["norm_growth_limit"], sign=plan["sign"],
+                la.meta, dyn, nn, rr, gg, found, lr_t,
+                alpha=g["alpha"], beta1=beta1, beta2=beta2, gamma=g["norm_growth_limit"],
+                sign=-1.0 if g["maximize"] else 1.0,
                 capturable=opt.capturable, skip_on_found=skip, channel=g["scale_type"] == "channel",
             )  # fmt: skip
             apollo_update_group(
-                plan["meta"], plan["map_c"], plan["nn"], found, lr_t,
-                decay=plan["decay"], weight_decay=g["weight_decay"], w_dtype=plan["w_tl"], g_dtype=plan["g_tl"],
-                tall=key[4], capturable=opt.capturable, skip_on_found=skip,
-                block_m=plan["block_m"], block_n=plan["block_n"],
+                la.meta, la.maps[2], nn, found, lr_t,
+                decay=1.0 if opt.capturable else 1.0 - float(g["lr"]) * g["weight_decay"],
+                weight_decay=g["weight_decay"], w_dtype=_tl_dtype(la.key[2]), g_dtype=_tl_dtype(la.key[3]),
+                tall=la.key[4], capturable=opt.capturable, skip_on_found=skip,
+                block_m=la.block_m, block_n=la.block_n,
             )  # fmt: skip
-        for (key, cls), plan in zip(adamw.items(), aplans, strict=True):
-            g = cls.group
+        for lw, dyn in zip(self._adamw, aw_dyn, strict=True):
+            g = lw.group
             beta1, beta2 = g["betas"]
-            found = self._found[key[0]]
+            found = self._found[lw.key[0]]
             adamw_group(
-                plan["meta"], plan["map"], found, self._lr_tensor(g, key[0], found),
-                lr=plan["lr"], beta1=beta1, beta2=beta2, eps=g["eps"], weight_decay=g["weight_decay"],
-                sign=-1.0 if g["maximize"] else 1.0, p_dtype=plan["p_tl"], g_dtype=plan["g_tl"],
+                lw.meta, dyn, lw.tile_map, found, self._lr_tensor(g, lw.key[0], found),
+                lr=0.0 if opt.capturable else float(g["lr"]), beta1=beta1, beta2=beta2, eps=g["eps"],
+                weight_decay=g["weight_decay"], sign=-1.0 if g["maximize"] else 1.0,
+                p_dtype=_tl_dtype(lw.key[2]), g_dtype=_tl_dtype(lw.key[3]),
                 capturable=opt.capturable, skip_on_found=skip,
             )  # fmt: skip
 
@@ -241,132 +394,6 @@ class FusedApollo:
         if isinstance(lr, torch.Tensor):
             return lr
         return torch.full((), float(lr), dtype=torch.float32, device=device)
-
-    # -- tables -----------------------------------------------------------------------------------
-
-    def _apollo_plan(self, key: tuple, cls: _Class, grads: dict) -> dict[str, Any]:
-        from .kernels import tables as T
-
-        opt = self.opt
-        group = cls.group
-        dev, block_r = key[0], key[5]
-        is16 = key[3] in (torch.float16, torch.bfloat16)
-        block_c = 64 if block_r >= 128 else 128
-        block_d = 64 if is16 else 32
-        block_m, block_n = 16, 256
-        shapes = [tuple(p.shape) for p in cls.params]
-        ranks = [opt.state[p]["exp_avg"].shape[1] for p in cls.params]
-        n_rchunk = max(math.ceil(r / block_r) for r in ranks)
-        layout = (tuple(shapes), tuple(ranks), block_c, block_r, block_m, block_n, opt.projection)
-        cache = self._cache.setdefault(("apollo",) + key, _Cached())
-        if cache.layout != layout:
-            tiles_px, tiles_a, tiles_c = [], [], []
-            c_off = r_off = p_off = 0
-            offsets = []
-            for (m, n), r in zip(shapes, ranks, strict=True):
-                C, d = max(m, n), min(m, n)
-                offsets.append((c_off, r_off, p_off))
-                tiles_px.append(math.ceil(r * d / 1024))
-                tiles_a.append(math.ceil(C / block_c))
-                tiles_c.append(math.ceil(m / block_m) * math.ceil(n / block_n))
-                c_off += C
-                r_off += C * r
-                p_off += r * d if opt.projection == "philox" else 0
-            maps = tuple(_tile_map(t, dev) for t in (tiles_px, tiles_a, tiles_c))
-            starts = [_starts(t) for t in (tiles_px, tiles_a, tiles_c)]
-            ws = torch.empty((3, c_off), dtype=torch.float32, device=dev)
-            r_buf = torch.empty(r_off, dtype=torch.float32, device=dev)
-            p_buf = torch.empty(p_off, dtype=torch.float32, device=dev)
-            cache.layout, cache.maps, cache.scratch = layout, maps, (ws, r_buf, p_buf, offsets, starts)
-            cache.rows = None
-        ws, r_buf, p_buf, offsets, starts = cache.scratch
-        if self.poison_scratch:
-            for t in (ws, r_buf, p_buf):
-                t.fill_(float("nan"))
-        if n_rchunk > 1:
-            ws[:2].zero_()  # nn and rr are accumulated with atomics over rank chunks
-
-        lr = None if opt.capturable else float(group["lr"])
-        beta1, beta2 = group["betas"]
-        rows = []
-        for i, p in enumerate(cls.params):
-            state = opt.state[p]
-            m, n = p.shape
-            C, d, r = max(m, n), min(m, n), ranks[i]
-            c_off, r_off, p_off = offsets[i]
-            row = [0] * T.AP_WIDTH
-            row[T.AP_G] = grads[p].data_ptr()
-            row[T.AP_W] = p.data_ptr()
-            row[T.AP_M] = state["exp_avg"].data_ptr()
-            row[T.AP_V] = state["exp_avg_sq"].data_ptr()
-            row[T.AP_R] = r_buf.data_ptr() + 4 * r_off
-            row[T.AP_WS] = c_off
-            row[T.AP_C], row[T.AP_D], row[T.AP_RANK] = C, d, r
-            row[T.AP_KEY_LO] = opt._param_index[p] - 1
-            row[T.AP_KEY_HI] = opt.seed
-            row[T.AP_LIM] = state["limiter_norm"].data_ptr()
-            row[T.AP_TILE_PX], row[T.AP_TILE_A], row[T.AP_TILE_C] = (s[i] for s in starts)
-            if opt.capturable:
-                row[T.AP_STEP] = state["step"].data_ptr()
-            else:
-                t = int(state["step"].item()) + 1  # a CPU tensor: no device sync
-                row[T.AP_REFRESH] = (t - 1) // group["update_proj_gap"]
-                row[T.AP_FIRST] = int(t == 1)
-                eta = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-                row[T.AP_ETA] = _f64_bits(eta * group["alpha"])
-            if opt.projection == "philox":
-                row[T.AP_P] = p_buf.data_ptr() + 4 * p_off
-            else:
-                t = int(state["step"].item()) + 1
-                row[T.AP_P] = opt._projection(group, p, state, t).data_ptr()
-            rows.append(row)
-        if cache.rows != rows:
-            cache.rows, cache.meta = rows, _to_device(rows, torch.int64, dev)
-        return dict(
-            meta=cache.meta, map_px=cache.maps[0], map_a=cache.maps[1], map_c=cache.maps[2],
-            nn=ws[0], rr=ws[1], gg=ws[2], n_rchunk=n_rchunk, block_c=block_c, block_d=block_d,
-            block_m=block_m, block_n=block_n, sign=-1.0 if group["maximize"] else 1.0,
-            decay=1.0 if lr is None else 1.0 - lr * group["weight_decay"],
-            g_tl=_tl_dtype(key[3]), w_tl=_tl_dtype(key[2]),
-        )  # fmt: skip
-
-    def _adamw_plan(self, key: tuple, cls: _Class, grads: dict) -> dict[str, Any]:
-        from .kernels import tables as T
-        from .kernels.adamw import ADAMW_BLOCK
-
-        opt = self.opt
-        group = cls.group
-        dev = key[0]
-        sizes = tuple(p.numel() for p in cls.params)
-        cache = self._cache.setdefault(("adamw",) + key, _Cached())
-        if cache.layout != sizes:
-            tiles = [math.ceil(s / ADAMW_BLOCK) for s in sizes]
-            cache.maps = (_tile_map(tiles, dev),)
-            cache.scratch = (_starts(tiles),)
-            cache.layout, cache.rows = sizes, None
-        (starts,) = cache.scratch
-        lr = None if opt.capturable else float(group["lr"])
-        beta1, beta2 = group["betas"]
-        rows = []
-        for i, p in enumerate(cls.params):
-            state = opt.state[p]
-            row = [0] * T.AW_WIDTH
-            row[T.AW_P], row[T.AW_G] = p.data_ptr(), grads[p].data_ptr()
-            row[T.AW_M], row[T.AW_V] = state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr()
-            row[T.AW_N], row[T.AW_TILE] = sizes[i], starts[i]
-            if opt.capturable:
-                row[T.AW_STEP] = state["step"].data_ptr()
-            else:
-                t = int(state["step"].item()) + 1
-                row[T.AW_STEP_SIZE] = _f64_bits(lr / (1.0 - beta1**t))
-                row[T.AW_BC2] = _f64_bits(math.sqrt(1.0 - beta2**t))
-            rows.append(row)
-        if cache.rows != rows:
-            cache.rows, cache.meta = rows, _to_device(rows, torch.int64, dev)
-        return dict(
-            meta=cache.meta, map=cache.maps[0], lr=0.0 if lr is None else lr,
-            p_tl=_tl_dtype(key[2]), g_tl=_tl_dtype(key[3]),
-        )  # fmt: skip
 
 
 def _tl_dtype(dtype: torch.dtype):

@@ -231,6 +231,8 @@ class APOLLO(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._proj_cache.clear()
+        if self._backend_impl == "triton":
+            self._fused.invalidate()  # its launch tables point at the replaced state tensors
 
     # -- the step -------------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ _V = tl.constexpr(T.AW_V)
 _N = tl.constexpr(T.AW_N)
 _TILE = tl.constexpr(T.AW_TILE)
 _STEP = tl.constexpr(T.AW_STEP)
-_STEP_SIZE = tl.constexpr(T.AW_STEP_SIZE)
-_BC2 = tl.constexpr(T.AW_BC2)
+_DYN_STEP_SIZE = tl.constexpr(T.AWD_STEP_SIZE)
+_DYN_BC2 = tl.constexpr(T.AWD_BC2)
+_DYN_WIDTH = tl.constexpr(T.AWD_WIDTH)
 _WIDTH = tl.constexpr(T.AW_WIDTH)
 
 ADAMW_BLOCK = 2048
@@ -49,6 +50,7 @@ def nonfinite_check_group(meta: torch.Tensor, tile_map: torch.Tensor, found: tor
 @triton.jit
 def _adamw_fwd_kernel(
     meta,
+    dyn,
     tile_map,
     found,
     lr_ptr,
@@ -69,7 +71,8 @@ def _adamw_fwd_kernel(
         if tl.load(found) != 0:
             return
     pid = tl.program_id(0)
-    row = meta + tl.load(tile_map + pid).to(tl.int64) * _WIDTH
+    mat = tl.load(tile_map + pid).to(tl.int64)
+    row = meta + mat * _WIDTH
     p_ptr = tl.load(row + _P).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(row + _M).to(tl.pointer_type(tl.float32))
@@ -83,8 +86,8 @@ def _adamw_fwd_kernel(
         step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
         bc2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
     else:
-        step_size = tl.load(row + _STEP_SIZE).to(tl.float64, bitcast=True).to(tl.float32)
-        bc2 = tl.load(row + _BC2).to(tl.float64, bitcast=True).to(tl.float32)
+        step_size = tl.load(dyn + mat * _DYN_WIDTH + _DYN_STEP_SIZE).to(tl.float32)
+        bc2 = tl.load(dyn + mat * _DYN_WIDTH + _DYN_BC2).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
     w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -100,6 +103,7 @@ def _adamw_fwd_kernel(
 
 def adamw_group(
     meta: torch.Tensor,
+    dyn: torch.Tensor,
     tile_map: torch.Tensor,
     found: torch.Tensor,
     lr_t: torch.Tensor,
@@ -117,6 +121,6 @@ def adamw_group(
 ) -> None:
     """AdamW on every tensor named in `meta` (one launch)."""
     _adamw_fwd_kernel[(tile_map.numel(),)](
-        meta, tile_map, found, lr_t, lr, beta1, beta2, eps, weight_decay, sign,
+        meta, dyn, tile_map, found, lr_t, lr, beta1, beta2, eps, weight_decay, sign,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found, BLOCK=ADAMW_BLOCK,
     )  # fmt: skip

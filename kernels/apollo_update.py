@@ -27,10 +27,11 @@ _D = tl.constexpr(T.AP_D)
 _RANK = tl.constexpr(T.AP_RANK)
 _STEP = tl.constexpr(T.AP_STEP)
 _LIM = tl.constexpr(T.AP_LIM)
-_FIRST = tl.constexpr(T.AP_FIRST)
 _TILE_A = tl.constexpr(T.AP_TILE_A)
 _TILE_C = tl.constexpr(T.AP_TILE_C)
-_ETA = tl.constexpr(T.AP_ETA)
+_DYN_ETA = tl.constexpr(T.APD_ETA)
+_DYN_FIRST = tl.constexpr(T.APD_FIRST)
+_DYN_WIDTH = tl.constexpr(T.APD_WIDTH)
 _WIDTH = tl.constexpr(T.AP_WIDTH)
 
 SCALE_BLOCK = 1024
@@ -119,6 +120,7 @@ def apollo_moments_group(
 @triton.jit
 def _apollo_scale_fwd_kernel(
     meta,
+    dyn,
     nn_ws,
     rr_ws,
     gg_ws,
@@ -139,7 +141,8 @@ def _apollo_scale_fwd_kernel(
     if SKIP_ON_FOUND:
         if tl.load(found) != 0:
             return
-    row = meta + tl.program_id(0).to(tl.int64) * _WIDTH
+    mat = tl.program_id(0).to(tl.int64)
+    row = meta + mat * _WIDTH
     ws = tl.load(row + _WS)
     C = tl.load(row + _C)
     nn_sum = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -173,8 +176,8 @@ def _apollo_scale_fwd_kernel(
         eta_alpha = lr * tl.sqrt(bc2) / bc1 * alpha
         first = step == 1.0
     else:
-        eta_alpha = tl.load(row + _ETA).to(tl.float64, bitcast=True).to(tl.float32)
-        first = tl.load(row + _FIRST) != 0
+        eta_alpha = tl.load(dyn + mat * _DYN_WIDTH + _DYN_ETA).to(tl.float32)
+        first = tl.load(dyn + mat * _DYN_WIDTH + _DYN_FIRST) != 0.0
     lam = 1.0
     if LIMITER:
         lim_ptr = tl.load(row + _LIM).to(tl.pointer_type(tl.float32))
@@ -196,6 +199,7 @@ def _apollo_scale_fwd_kernel(
 
 def apollo_scale_group(
     meta: torch.Tensor,
+    dyn: torch.Tensor,
     nn_ws: torch.Tensor,
     rr_ws: torch.Tensor,
     gg_ws: torch.Tensor,
@@ -214,7 +218,7 @@ def apollo_scale_group(
     """Per-channel update coefficients (over nn_ws) and limiter norms for every matrix in `meta`."""
     grid = (meta.shape[0],)
     _apollo_scale_fwd_kernel[grid](
-        meta, nn_ws, rr_ws, gg_ws, found, lr_t, alpha, beta1, beta2,
+        meta, dyn, nn_ws, rr_ws, gg_ws, found, lr_t, alpha, beta1, beta2,
         1.0 if gamma is None else gamma, sign,
         CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found, CHANNEL=channel, LIMITER=gamma is not None,
         BLOCK=SCALE_BLOCK,

@@ -25,7 +25,8 @@ _R = tl.constexpr(T.AP_RANK)
 _D = tl.constexpr(T.AP_D)
 _KEY_LO = tl.constexpr(T.AP_KEY_LO)
 _KEY_HI = tl.constexpr(T.AP_KEY_HI)
-_REFRESH = tl.constexpr(T.AP_REFRESH)
+_DYN_REFRESH = tl.constexpr(T.APD_REFRESH)
+_DYN_WIDTH = tl.constexpr(T.APD_WIDTH)
 _STEP = tl.constexpr(T.AP_STEP)
 _TILE0 = tl.constexpr(T.AP_TILE_PX)
 _WIDTH = tl.constexpr(T.AP_WIDTH)
@@ -87,11 +88,11 @@ def philox_words(n: int, key: int, counter_hi: int, device: torch.device) -> tor
 
 
 @triton.jit
-def _philox_projection_fwd_kernel(meta, tile_map, gap, CAPTURABLE: tl.constexpr, BLOCK: tl.constexpr):
+def _philox_projection_fwd_kernel(meta, dyn, tile_map, gap, CAPTURABLE: tl.constexpr, BLOCK: tl.constexpr):
     """P~ (r x d fp32, N(0, 1/r)) for every matrix in `meta`: element (a, b) uses counter a*d + b.
 
     meta: n_mats x AP_WIDTH int64 rows (tables.py); tile_map: int32 tile -> matrix.
-    The refresh index (high counter word) is in meta, or (CAPTURABLE) floor((step - 1) / gap)
+    The refresh index (high counter word) is in dyn, or (CAPTURABLE) floor((step - 1) / gap)
     computed from the device step counter, which already counts this step.
     """
     pid = tl.program_id(0)
@@ -108,7 +109,7 @@ def _philox_projection_fwd_kernel(meta, tile_map, gap, CAPTURABLE: tl.constexpr,
         step = tl.load(step_ptr)
         refresh = tl.floor((step - 1.0) / gap).to(tl.uint32)
     else:
-        refresh = tl.load(row + _REFRESH).to(tl.uint32)
+        refresh = tl.load(dyn + mat * _DYN_WIDTH + _DYN_REFRESH).to(tl.uint32)
     c0 = offs.to(tl.uint32)
     c1 = tl.zeros_like(c0) + refresh
     k0 = tl.zeros_like(c0) + tl.load(row + _KEY_LO).to(tl.uint32)
@@ -118,7 +119,9 @@ def _philox_projection_fwd_kernel(meta, tile_map, gap, CAPTURABLE: tl.constexpr,
     tl.store(p_ptr + offs, z * inv_sqrt_r, mask=mask)
 
 
-def philox_projection_group(meta: torch.Tensor, tile_map: torch.Tensor, gap: int, capturable: bool) -> None:
+def philox_projection_group(
+    meta: torch.Tensor, dyn: torch.Tensor, tile_map: torch.Tensor, gap: int, capturable: bool
+) -> None:
     """Fill every matrix's P~ buffer named in `meta` (one launch for the whole group)."""
     grid = (tile_map.numel(),)
-    _philox_projection_fwd_kernel[grid](meta, tile_map, float(gap), CAPTURABLE=capturable, BLOCK=PHILOX_BLOCK)
+    _philox_projection_fwd_kernel[grid](meta, dyn, tile_map, float(gap), CAPTURABLE=capturable, BLOCK=PHILOX_BLOCK)
