@@ -68,7 +68,8 @@ class _ApolloLaunch:
     maps: tuple[torch.Tensor, ...] = ()
     ws: torch.Tensor | None = None  # 3 x sum(C): ||N_k||^2 (then coef_k), ||R_k||^2, ||G_k||^2
     r_buf: torch.Tensor | None = None  # sum(C x r) fp32: R
-    p_buf: torch.Tensor | None = None  # sum(r x d) fp32: P~ ('philox')
+    p_buf: torch.Tensor | None = None  # sum(r x d) fp32: P~ ('philox'), kept between refreshes
+    p_refresh: torch.Tensor | None = None  # int64 per Philox tile: 1 + refresh index its P~ holds
     n_rchunk: int = 1
     block_c: int = 64
     block_d: int = 32
@@ -194,6 +195,9 @@ class FusedApollo:
         la.ws = torch.empty((3, c_off), dtype=torch.float32, device=dev)
         la.r_buf = torch.empty(r_off, dtype=torch.float32, device=dev)
         la.p_buf = torch.empty(p_off, dtype=torch.float32, device=dev)
+        la.p_refresh = torch.zeros(len(tiles_px), dtype=torch.int64, device=dev)
+        if self.poison_scratch:
+            la.p_buf.fill_(float("nan"))
         la.rows = []
         for i, p in enumerate(la.params):
             state = opt.state[p]
@@ -289,13 +293,15 @@ class FusedApollo:
                 if opt.projection == "official":
                     self._official_p(la, ts)
             ap_dyn.append(dyn)
-            if self.poison_scratch:
-                for t in (la.ws, la.r_buf, la.p_buf):
-                    t.fill_(float("nan"))
+            if self.poison_scratch:  # P~ is poisoned once, when allocated: it is kept between refreshes
+                la.ws.fill_(float("nan"))
+                la.r_buf.fill_(float("nan"))
             if la.n_rchunk > 1:
                 la.ws[:2].zero_()  # nn and rr are accumulated with atomics over rank chunks
             if opt.projection == "philox":
-                philox_projection_group(la.meta, dyn, la.maps[0], group["update_proj_gap"], opt.capturable)
+                philox_projection_group(
+                    la.meta, dyn, la.maps[0], la.p_refresh, group["update_proj_gap"], opt.capturable
+                )
             apollo_project_group(
                 la.meta, la.maps[1], la.ws[2], found,
                 sign=-1.0 if group["maximize"] else 1.0, g_dtype=_tl_dtype(la.key[3]), tall=la.key[4],

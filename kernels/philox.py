@@ -88,12 +88,17 @@ def philox_words(n: int, key: int, counter_hi: int, device: torch.device) -> tor
 
 
 @triton.jit
-def _philox_projection_fwd_kernel(meta, dyn, tile_map, gap, CAPTURABLE: tl.constexpr, BLOCK: tl.constexpr):
+def _philox_projection_fwd_kernel(
+    meta, dyn, tile_map, tile_refresh, gap, CAPTURABLE: tl.constexpr, BLOCK: tl.constexpr
+):
     """P~ (r x d fp32, N(0, 1/r)) for every matrix in `meta`: element (a, b) uses counter a*d + b.
 
     meta: n_mats x AP_WIDTH int64 rows (tables.py); tile_map: int32 tile -> matrix.
     The refresh index (high counter word) is in dyn, or (CAPTURABLE) floor((step - 1) / gap)
     computed from the device step counter, which already counts this step.
+    tile_refresh (int64, one per program) holds 1 + the refresh index this tile's P~ was drawn
+    for (0: never): a program whose tile is current returns at once, so that P~ is regenerated
+    only on refresh steps, still without the host knowing the step.
     """
     pid = tl.program_id(0)
     mat = tl.load(tile_map + pid).to(tl.int64)
@@ -110,6 +115,9 @@ def _philox_projection_fwd_kernel(meta, dyn, tile_map, gap, CAPTURABLE: tl.const
         refresh = tl.floor((step - 1.0) / gap).to(tl.uint32)
     else:
         refresh = tl.load(dyn + mat * _DYN_WIDTH + _DYN_REFRESH).to(tl.uint32)
+    held = refresh.to(tl.int64) + 1
+    if tl.load(tile_refresh + pid) == held:
+        return
     c0 = offs.to(tl.uint32)
     c1 = tl.zeros_like(c0) + refresh
     k0 = tl.zeros_like(c0) + tl.load(row + _KEY_LO).to(tl.uint32)
@@ -117,11 +125,19 @@ def _philox_projection_fwd_kernel(meta, dyn, tile_map, gap, CAPTURABLE: tl.const
     z = _philox_normal(c0, c1, k0, k1)
     inv_sqrt_r = 1.0 / tl.sqrt(r.to(tl.float32))
     tl.store(p_ptr + offs, z * inv_sqrt_r, mask=mask)
+    tl.store(tile_refresh + pid, held)
 
 
 def philox_projection_group(
-    meta: torch.Tensor, dyn: torch.Tensor, tile_map: torch.Tensor, gap: int, capturable: bool
+    meta: torch.Tensor,
+    dyn: torch.Tensor,
+    tile_map: torch.Tensor,
+    tile_refresh: torch.Tensor,
+    gap: int,
+    capturable: bool,
 ) -> None:
-    """Fill every matrix's P~ buffer named in `meta` (one launch for the whole group)."""
+    """Bring every matrix's P~ buffer named in `meta` up to this step's refresh index (one launch)."""
     grid = (tile_map.numel(),)
-    _philox_projection_fwd_kernel[grid](meta, dyn, tile_map, float(gap), CAPTURABLE=capturable, BLOCK=PHILOX_BLOCK)
+    _philox_projection_fwd_kernel[grid](
+        meta, dyn, tile_map, tile_refresh, float(gap), CAPTURABLE=capturable, BLOCK=PHILOX_BLOCK
+    )

@@ -246,10 +246,16 @@ def test_philox_projection_kernel():
         dyn[-1][T.APD_REFRESH] = float(refresh)
     meta = torch.tensor(rows, dtype=torch.int64, device=DEV)
     dyn_t = torch.tensor(dyn, dtype=torch.float64, device=DEV)
-    philox_projection_group(meta, dyn_t, _tile_map(tiles, DEV), 1, capturable=False)
+    held = torch.zeros(sum(tiles), dtype=torch.int64, device=DEV)
+    philox_projection_group(meta, dyn_t, _tile_map(tiles, DEV), held, 1, capturable=False)
     for (r, d, idx, seed, refresh), buf in zip(mats, bufs, strict=True):
         ref = philox_projection(r, d, idx, seed, refresh)
         assert_close(f"P~ {r}x{d}", ref, buf.view(r, d).cpu(), 1e-6, atol=2e-6)
+    assert held.tolist() == [m[4] + 1 for m, t in zip(mats, tiles, strict=True) for _ in range(t)]
+    for buf in bufs:  # same refresh index again: every tile is current, nothing is rewritten
+        buf.fill_(float("nan"))
+    philox_projection_group(meta, dyn_t, _tile_map(tiles, DEV), held, 1, capturable=False)
+    assert all(torch.isnan(buf).all() for buf in bufs), "a current tile was regenerated"
 
 
 # -- GPU only -------------------------------------------------------------------------------------
