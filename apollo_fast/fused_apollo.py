@@ -25,6 +25,11 @@ __all__ = ["FusedApollo", "triton_usable", "DOT_PRECISION_ENV"]
 
 DOT_PRECISION_ENV = "APOLLO_FAST_DOT_PRECISION"  # 'tf32' (default), 'tf32x3' or 'ieee' for fp32 GEMMs
 
+# Pass A tiles: a 128 x 128 fp32 accumulator per program; rank 256 takes two rank chunks, which
+# run side by side and re-read their G tile from L2. Untuned (no GPU yet): see benches/NOTES-apollo.md.
+_BLOCK_C = 128
+_MAX_BLOCK_R = 128
+
 
 def triton_usable(device: torch.device) -> bool:
     """True when Triton can run kernels on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
@@ -154,7 +159,7 @@ class FusedApollo:
                 r = opt.state[p]["exp_avg"].shape[1]
                 if opt.projection == "philox" and r * min(p.shape) >= 2**32:
                     raise ValueError(f"{name}: rank x min(m, n) must stay below 2**32 for the Philox projection")
-                block_r = min(256, max(16, _next_pow2(r)))
+                block_r = min(_MAX_BLOCK_R, max(16, _next_pow2(r)))
                 key = (p.device, id(group), p.dtype, p.grad.dtype, p.shape[0] >= p.shape[1], block_r)
                 apollo.setdefault(key, _ApolloLaunch(key, group)).params.append(p)
             else:
@@ -175,7 +180,7 @@ class FusedApollo:
 
         opt = self.opt
         dev, g_dtype, block_r = la.key[0], la.key[3], la.key[5]
-        la.block_c = 64 if block_r >= 128 else 128
+        la.block_c = _BLOCK_C
         la.block_d = 64 if g_dtype in (torch.float16, torch.bfloat16) else 32
         ranks = [opt.state[p]["exp_avg"].shape[1] for p in la.params]
         la.n_rchunk = max(math.ceil(r / block_r) for r in ranks)
@@ -195,7 +200,7 @@ class FusedApollo:
         la.ws = torch.empty((3, c_off), dtype=torch.float32, device=dev)
         la.r_buf = torch.empty(r_off, dtype=torch.float32, device=dev)
         la.p_buf = torch.empty(p_off, dtype=torch.float32, device=dev)
-        la.p_refresh = torch.zeros(len(tiles_px), dtype=torch.int64, device=dev)
+        la.p_refresh = torch.zeros(sum(tiles_px), dtype=torch.int64, device=dev)
         if self.poison_scratch:
             la.p_buf.fill_(float("nan"))
         la.rows = []

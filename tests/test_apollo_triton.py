@@ -119,6 +119,17 @@ def test_rank_chunks_and_official_projection():
     _compare(ref, out, 1e-2 if GPU else 1e-6, 1e-2 if GPU else 1e-5, as_update=GPU)
 
 
+def test_multi_tile_projection():
+    """P~ larger than one Philox program (r x d > 1024) for several matrices: tiles, tags, refreshes."""
+    kw = dict(lr=1e-2, rank=32, update_proj_gap=2, weight_decay=0.1)
+    shapes = [(70, 40), (40, 70), (45, 41)]
+    ref = _run("reference", shapes, torch.float32, 3, kw)
+    out = _run("triton", shapes, torch.float32, 3, kw)
+    _compare(ref, out, 1e-2 if GPU else 1e-6, 1e-2 if GPU else 1e-5, as_update=GPU)
+    for la in out[2]._fused._apollo:
+        assert la.p_refresh.numel() == la.maps[0].numel(), "one refresh tag per Philox program"
+
+
 def test_many_tensors_one_launch():
     """40 matrices of one class go through one launch per kernel; every one matches the reference."""
     shapes = [(7, 3)] * 30 + [(3, 8)] * 10
