@@ -10,6 +10,7 @@ Options are validated by `APOLLO`; this module only dispatches.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -48,6 +49,11 @@ def _to_device(rows: list[list[int]] | list[int], dtype: torch.dtype, device: to
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on `device` (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _tile_map(tiles: list[int], device: torch.device) -> torch.Tensor:
@@ -303,23 +309,25 @@ class FusedApollo:
                 la.r_buf.fill_(float("nan"))
             if la.n_rchunk > 1:
                 la.ws[:2].zero_()  # nn and rr are accumulated with atomics over rank chunks
-            if opt.projection == "philox":
-                philox_projection_group(
-                    la.meta, dyn, la.maps[0], la.p_refresh, group["update_proj_gap"], opt.capturable
-                )
-            apollo_project_group(
-                la.meta, la.maps[1], la.ws[2], found,
-                sign=-1.0 if group["maximize"] else 1.0, g_dtype=_tl_dtype(la.key[3]), tall=la.key[4],
-                n_rchunk=la.n_rchunk, block_c=la.block_c, block_r=la.key[5], block_d=la.block_d,
-                dot_precision=self.dot_precision,
-            )  # fmt: skip
+            with _on(la.key[0]):
+                if opt.projection == "philox":
+                    philox_projection_group(
+                        la.meta, dyn, la.maps[0], la.p_refresh, group["update_proj_gap"], opt.capturable
+                    )
+                apollo_project_group(
+                    la.meta, la.maps[1], la.ws[2], found,
+                    sign=-1.0 if group["maximize"] else 1.0, g_dtype=_tl_dtype(la.key[3]), tall=la.key[4],
+                    n_rchunk=la.n_rchunk, block_c=la.block_c, block_r=la.key[5], block_d=la.block_d,
+                    dot_precision=self.dot_precision,
+                )  # fmt: skip
         for lw in self._adamw:
             found = self._found[lw.key[0]]
             if opt.capturable:
                 aw_dyn.append(found)
             else:
                 aw_dyn.append(self._adamw_dyn(lw.group, self._host_steps(lw.params), lw.key[0]))
-            nonfinite_check_group(lw.meta, lw.tile_map, found, _tl_dtype(lw.key[3]))
+            with _on(lw.key[0]):
+                nonfinite_check_group(lw.meta, lw.tile_map, found, _tl_dtype(lw.key[3]))
 
         if not opt.capturable:
             if any(bool(f.item()) for f in self._found.values()):  # the step's one host sync
@@ -367,35 +375,37 @@ class FusedApollo:
             found = self._found[la.key[0]]
             lr_t = self._lr_tensor(g, la.key[0], found)
             nn, rr, gg = la.ws[0], la.ws[1], la.ws[2]
-            apollo_moments_group(
-                la.meta, la.maps[1], nn, rr, found,
-                beta1=beta1, beta2=beta2, eps=g["eps"], m_dtype=_tl_dtype(opt.state_dtype),
-                skip_on_found=skip, n_rchunk=la.n_rchunk, block_c=la.block_c, block_r=la.key[5],
-            )  # fmt: skip
-            apollo_scale_group(
-                la.meta, dyn, nn, rr, gg, found, lr_t,
-                alpha=g["alpha"], beta1=beta1, beta2=beta2, gamma=g["norm_growth_limit"],
-                sign=-1.0 if g["maximize"] else 1.0,
-                capturable=opt.capturable, skip_on_found=skip, channel=g["scale_type"] == "channel",
-            )  # fmt: skip
-            apollo_update_group(
-                la.meta, la.maps[2], nn, found, lr_t,
-                decay=1.0 if opt.capturable else 1.0 - float(g["lr"]) * g["weight_decay"],
-                weight_decay=g["weight_decay"], w_dtype=_tl_dtype(la.key[2]), g_dtype=_tl_dtype(la.key[3]),
-                tall=la.key[4], capturable=opt.capturable, skip_on_found=skip,
-                block_m=la.block_m, block_n=la.block_n,
-            )  # fmt: skip
+            with _on(la.key[0]):
+                apollo_moments_group(
+                    la.meta, la.maps[1], nn, rr, found,
+                    beta1=beta1, beta2=beta2, eps=g["eps"], m_dtype=_tl_dtype(opt.state_dtype),
+                    skip_on_found=skip, n_rchunk=la.n_rchunk, block_c=la.block_c, block_r=la.key[5],
+                )  # fmt: skip
+                apollo_scale_group(
+                    la.meta, dyn, nn, rr, gg, found, lr_t,
+                    alpha=g["alpha"], beta1=beta1, beta2=beta2, gamma=g["norm_growth_limit"],
+                    sign=-1.0 if g["maximize"] else 1.0,
+                    capturable=opt.capturable, skip_on_found=skip, channel=g["scale_type"] == "channel",
+                )  # fmt: skip
+                apollo_update_group(
+                    la.meta, la.maps[2], nn, found, lr_t,
+                    decay=1.0 if opt.capturable else 1.0 - float(g["lr"]) * g["weight_decay"],
+                    weight_decay=g["weight_decay"], w_dtype=_tl_dtype(la.key[2]), g_dtype=_tl_dtype(la.key[3]),
+                    tall=la.key[4], capturable=opt.capturable, skip_on_found=skip,
+                    block_m=la.block_m, block_n=la.block_n,
+                )  # fmt: skip
         for lw, dyn in zip(self._adamw, aw_dyn, strict=True):
             g = lw.group
             beta1, beta2 = g["betas"]
             found = self._found[lw.key[0]]
-            adamw_group(
-                lw.meta, dyn, lw.tile_map, found, self._lr_tensor(g, lw.key[0], found),
-                lr=0.0 if opt.capturable else float(g["lr"]), beta1=beta1, beta2=beta2, eps=g["eps"],
-                weight_decay=g["weight_decay"], sign=-1.0 if g["maximize"] else 1.0,
-                p_dtype=_tl_dtype(lw.key[2]), g_dtype=_tl_dtype(lw.key[3]),
-                capturable=opt.capturable, skip_on_found=skip,
-            )  # fmt: skip
+            with _on(lw.key[0]):
+                adamw_group(
+                    lw.meta, dyn, lw.tile_map, found, self._lr_tensor(g, lw.key[0], found),
+                    lr=0.0 if opt.capturable else float(g["lr"]), beta1=beta1, beta2=beta2, eps=g["eps"],
+                    weight_decay=g["weight_decay"], sign=-1.0 if g["maximize"] else 1.0,
+                    p_dtype=_tl_dtype(lw.key[2]), g_dtype=_tl_dtype(lw.key[3]),
+                    capturable=opt.capturable, skip_on_found=skip,
+                )  # fmt: skip
 
     def _lr_tensor(self, group: dict[str, Any], device: torch.device, dummy: torch.Tensor) -> torch.Tensor:
         """lr as a device tensor (capturable), else a placeholder pointer the kernels never read."""

@@ -112,7 +112,7 @@ def _philox_projection_fwd_kernel(
     if CAPTURABLE:
         step_ptr = tl.load(row + _STEP).to(tl.pointer_type(tl.float32))
         step = tl.load(step_ptr)
-        refresh = tl.floor((step - 1.0) / gap).to(tl.uint32)
+        refresh = ((step.to(tl.int64) - 1) // gap).to(tl.uint32)  # integer division: exact at multiples of gap
     else:
         refresh = tl.load(dyn + mat * _DYN_WIDTH + _DYN_REFRESH).to(tl.uint32)
     held = refresh.to(tl.int64) + 1
@@ -139,5 +139,5 @@ def philox_projection_group(
     """Bring every matrix's P~ buffer named in `meta` up to this step's refresh index (one launch)."""
     grid = (tile_map.numel(),)
     _philox_projection_fwd_kernel[grid](
-        meta, dyn, tile_map, tile_refresh, float(gap), CAPTURABLE=capturable, BLOCK=PHILOX_BLOCK
+        meta, dyn, tile_map, tile_refresh, int(gap), CAPTURABLE=capturable, BLOCK=PHILOX_BLOCK
     )
