@@ -11,6 +11,7 @@ Options are validated by `APOLLO`; this module only dispatches.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import math
 import os
@@ -34,6 +35,8 @@ _MAX_BLOCK_R = 128
 
 def triton_usable(device: torch.device) -> bool:
     """True when Triton can run kernels on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
     if device.type == "cuda":
         return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"

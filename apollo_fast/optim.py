@@ -241,7 +241,7 @@ class APOLLO(Optimizer):
 
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if backend == "auto":
-            on_cuda = bool(devices) and all(d.type == "cuda" for d in devices)
+            on_cuda = bool(devices) and all(d.type == "cuda" and triton_usable(d) for d in devices)
             backend = "triton" if on_cuda else "reference"
         if self.state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {self.state_dtype!r}")

@@ -39,18 +39,15 @@ def _philox4x32_10(c0, c1, k0, k1):
     x1 = c1
     x2 = tl.zeros_like(c0)
     x3 = tl.zeros_like(c0)
-    m0 = tl.full(c0.shape, _M0, tl.uint32)
-    m1 = tl.full(c0.shape, _M1, tl.uint32)
-    w0 = tl.full(c0.shape, _W0, tl.uint32)
-    w1 = tl.full(c0.shape, _W1, tl.uint32)
     for _ in tl.static_range(10):
-        hi0 = tl.umulhi(x0, m0)
-        lo0 = x0 * m0
-        hi1 = tl.umulhi(x2, m1)
-        lo1 = x2 * m1
+        # constexpr operands become uint32 constants (values >= 2**31 < 2**32), as in triton.language.random
+        hi0 = tl.umulhi(x0, _M0)
+        lo0 = x0 * _M0
+        hi1 = tl.umulhi(x2, _M1)
+        lo1 = x2 * _M1
         x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
-        k0 = k0 + w0
-        k1 = k1 + w1
+        k0 = k0 + _W0
+        k1 = k1 + _W1
     return x0, x1, x2, x3
 
 

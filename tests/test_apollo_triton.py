@@ -223,6 +223,12 @@ def test_invalid_combinations():
         APOLLO(ps, backend="reference", state_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="state_dtype"):
         APOLLO(ps, backend="triton", state_dtype=torch.float16)
+    if not GPU:
+        assert APOLLO(ps)._backend_impl == "reference", "backend='auto' must pick the reference for CPU tensors"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("TRITON_INTERPRET")
+            with pytest.raises(ValueError, match="needs CUDA tensors"):
+                APOLLO(ps, backend="triton")
 
 
 def test_philox_words_bit_exact():
