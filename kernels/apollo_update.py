@@ -52,6 +52,7 @@ def _apollo_moments_fwd_kernel(
     N_RCHUNK: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    SUB_C: tl.constexpr,
 ):
     """M <- b1 M + (1-b1) R; V <- b2 V + (1-b2) R^2 on one tile; per-channel ||N_k||^2, ||R_k||^2."""
     if SKIP_ON_FOUND:
@@ -69,28 +70,30 @@ def _apollo_moments_fwd_kernel(
     C = tl.load(row + _C)
     r = tl.load(row + _RANK)
     tile0 = tl.load(row + _TILE_A)
-    offs_c = (tile - tile0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = chunk.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask = (offs_c < C)[:, None] & (offs_r < r)[None, :]
-    offs = offs_c[:, None] * r + offs_r[None, :]
-    rp = tl.load(r_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = m * beta1 + rp * (1.0 - beta1)
-    v = v * beta2 + (rp * rp) * (1.0 - beta2)
-    n = m / (tl.sqrt(v) + eps)
-    n = tl.where(mask, n, 0.0)
-    tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
-    tl.store(v_ptr + offs, v.to(M_DTYPE), mask=mask)
-    nn = tl.sum(n * n, axis=1)
-    rr = tl.sum(rp * rp, axis=1)
-    mask_c = offs_c < C
-    if N_RCHUNK == 1:
-        tl.store(nn_ws + ws + offs_c, nn, mask=mask_c)
-        tl.store(rr_ws + ws + offs_c, rr, mask=mask_c)
-    else:
-        tl.atomic_add(nn_ws + ws + offs_c, nn, mask=mask_c)
-        tl.atomic_add(rr_ws + ws + offs_c, rr, mask=mask_c)
+    # SUB_C channels at a time: three live SUB_C x BLOCK_R fp32 tiles stay in registers.
+    for cs in tl.static_range(0, BLOCK_C, SUB_C):
+        offs_c = (tile - tile0).to(tl.int64) * BLOCK_C + cs + tl.arange(0, SUB_C)
+        mask_c = offs_c < C
+        mask = mask_c[:, None] & (offs_r < r)[None, :]
+        offs = offs_c[:, None] * r + offs_r[None, :]
+        rp = tl.load(r_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = m * beta1 + rp * (1.0 - beta1)
+        v = v * beta2 + (rp * rp) * (1.0 - beta2)
+        n = m / (tl.sqrt(v) + eps)
+        n = tl.where(mask, n, 0.0)
+        tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
+        tl.store(v_ptr + offs, v.to(M_DTYPE), mask=mask)
+        nn = tl.sum(n * n, axis=1)
+        rr = tl.sum(rp * rp, axis=1)
+        if N_RCHUNK == 1:
+            tl.store(nn_ws + ws + offs_c, nn, mask=mask_c)
+            tl.store(rr_ws + ws + offs_c, rr, mask=mask_c)
+        else:
+            tl.atomic_add(nn_ws + ws + offs_c, nn, mask=mask_c)
+            tl.atomic_add(rr_ws + ws + offs_c, rr, mask=mask_c)
 
 
 def apollo_moments_group(
@@ -114,6 +117,7 @@ def apollo_moments_group(
     _apollo_moments_fwd_kernel[grid](
         meta, tile_map, nn_ws, rr_ws, found, beta1, beta2, eps,
         M_DTYPE=m_dtype, SKIP_ON_FOUND=skip_on_found, N_RCHUNK=n_rchunk, BLOCK_C=block_c, BLOCK_R=block_r,
+        SUB_C=min(block_c, max(1, 2048 // block_r)), num_warps=4,
     )  # fmt: skip
 
 
