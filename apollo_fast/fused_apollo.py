@@ -99,6 +99,7 @@ class _AdamwLaunch:
     group: dict[str, Any]
     params: list[torch.Tensor] = field(default_factory=list)
     meta: torch.Tensor | None = None
+    rows: list[list[int]] = field(default_factory=list)
     tile_map: torch.Tensor | None = None
 
 
@@ -119,6 +120,7 @@ class FusedApollo:
             raise ValueError(f"{DOT_PRECISION_ENV} must be tf32, tf32x3 or ieee, got {self.dot_precision!r}")
         self._found: dict[torch.device, torch.Tensor] = {}
         self._sig: tuple | None = None
+        self._grad_ptrs: list[int] = []
         self._apollo: list[_ApolloLaunch] = []
         self._adamw: list[_AdamwLaunch] = []
         self._host_t: dict[int, tuple[torch.Tensor, int]] = {}  # id(param) -> (its step tensor, steps taken)
@@ -130,12 +132,23 @@ class FusedApollo:
         self._sig = None
         self._host_t.clear()
 
-    def _signature(self, work: list, grads: dict) -> tuple:
+    def _signature(self, work: list) -> tuple:
+        """What the launch classes, scratch and tables depend on, gradient buffers aside."""
         st = self.opt.state
-        return tuple(
-            (id(g), id(p), p.data_ptr(), grads[p].data_ptr(), id(st[p].get("exp_avg")), id(st[p].get("step")))
-            for g, p, _ in work
-        )
+        return tuple((id(g), id(p), p.data_ptr(), id(st[p].get("exp_avg")), id(st[p].get("step"))) for g, p, _ in work)
+
+    def _patch_grads(self, grads: dict) -> None:
+        """New gradient buffers (zero_grad(set_to_none=True)): only the G addresses change."""
+        from .kernels import tables as T
+
+        for la in self._apollo:
+            for row, p in zip(la.rows, la.params, strict=True):
+                row[T.AP_G] = grads[p].data_ptr()
+            la.meta = _to_device(la.rows, torch.int64, la.key[0])
+        for lw in self._adamw:
+            for row, p in zip(lw.rows, lw.params, strict=True):
+                row[T.AW_G] = grads[p].data_ptr()
+            lw.meta = _to_device(lw.rows, torch.int64, lw.key[0])
 
     def _prepare_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         """Lazy state as the reference lays it out; step on the device when capturable."""
@@ -247,6 +260,7 @@ class FusedApollo:
             row[T.AW_N], row[T.AW_TILE] = p.numel(), start
             row[T.AW_STEP] = state["step"].data_ptr() if opt.capturable else 0
             rows.append(row)
+        lw.rows = rows
         lw.meta = _to_device(rows, torch.int64, lw.key[0])
 
     def _host_steps(self, params: list[torch.Tensor]) -> list[int]:
@@ -261,14 +275,20 @@ class FusedApollo:
             out.append(ent[1])
         return out
 
-    def _official_p(self, la: _ApolloLaunch, ts: list[int]) -> None:
-        """projection='official': point the rows at the stored P~, redrawn on the host at refreshes."""
+    def _official_p(self, la: _ApolloLaunch, ts: list[int], saved: list) -> None:
+        """projection='official': point the rows at the stored P~, redrawn on the host at refreshes.
+
+        The (proj, proj_seed) entries are saved first, so that a step skipped or refused for a
+        non-finite gradient can put them back (nothing may change on such a step).
+        """
         from .kernels import tables as T
 
         opt = self.opt
         changed = False
         for row, p, t in zip(la.rows, la.params, ts, strict=True):
-            ptr = opt._projection(la.group, p, opt.state[p], t + 1).data_ptr()
+            state = opt.state[p]
+            saved.append((state, {k: state[k] for k in ("proj", "proj_seed") if k in state}))
+            ptr = opt._projection(la.group, p, state, t + 1).data_ptr()
             if row[T.AP_P] != ptr:
                 row[T.AP_P], changed = ptr, True
         if changed:
@@ -286,18 +306,22 @@ class FusedApollo:
         if not work:
             return
         grads = {p: (p.grad if p.grad.is_contiguous() else p.grad.contiguous()) for _, p, _ in work}
-        sig = self._signature(work, grads)
+        grad_ptrs = [grads[p].data_ptr() for _, p, _ in work]
+        sig = self._signature(work)
         if sig != self._sig:
             for group, p, _ in work:
                 self._prepare_state(group, p)
             self._build(work, grads)
-            self._sig = self._signature(work, grads)
+            self._sig = self._signature(work)
+        elif grad_ptrs != self._grad_ptrs:
+            self._patch_grads(grads)
+        self._grad_ptrs = grad_ptrs
         for found in self._found.values():
             found.zero_()
         if opt.capturable:
             torch._foreach_add_([opt.state[p]["step"] for _, p, _ in work], 1.0)
 
-        ap_dyn, aw_dyn = [], []
+        ap_dyn, aw_dyn, saved_official = [], [], []
         for la in self._apollo:
             group, found = la.group, self._found[la.key[0]]
             dyn = found  # placeholder pointer: capturable kernels read the device step instead
@@ -305,7 +329,7 @@ class FusedApollo:
                 ts = self._host_steps(la.params)
                 dyn = self._apollo_dyn(group, ts, la.key[0])
                 if opt.projection == "official":
-                    self._official_p(la, ts)
+                    self._official_p(la, ts, saved_official)
             ap_dyn.append(dyn)
             if self.poison_scratch:  # P~ is poisoned once, when allocated: it is kept between refreshes
                 la.ws.fill_(float("nan"))
@@ -334,6 +358,9 @@ class FusedApollo:
 
         if not opt.capturable:
             if any(bool(f.item()) for f in self._found.values()):  # the step's one host sync
+                for state, entries in saved_official:
+                    state.pop("proj", None)
+                    state.update(entries)
                 opt._grads_finite(work)  # raises with the parameter names under nonfinite='raise'
                 opt.skipped_steps += 1
                 return

@@ -130,6 +130,45 @@ def test_multi_tile_projection():
         assert la.p_refresh.numel() == la.maps[0].numel(), "one refresh tag per Philox program"
 
 
+def test_uneven_steps_and_new_grad_buffers():
+    """A matrix without a gradient on one step lags in step count (per-row eta, refresh, first step);
+    every step gets new .grad tensors (zero_grad(set_to_none=True)): only the G addresses are patched."""
+    kw = dict(lr=1e-2, rank=3, update_proj_gap=2, weight_decay=0.1)
+    shapes = [(9, 5), (11, 5), (7, 5)]
+    results = []
+    for backend in ("reference", "triton"):
+        ps = _params(shapes, torch.float32)
+        w0 = [p.detach().clone() for p in ps]
+        opt = APOLLO(ps, backend=backend, **kw)
+        if backend == "triton":
+            opt._fused.poison_scratch = True
+        for t in range(4):
+            _grads(ps, t, fresh=True)
+            if t == 1:
+                ps[1].grad = None
+            opt.step()
+        results.append((ps, w0, opt))
+    _compare(*results, 1e-2 if GPU else 1e-6, 1e-2 if GPU else 1e-5, as_update=GPU)
+    ps, _, opt = results[1]
+    assert [int(opt.state[p]["step"]) for p in ps[:3]] == [4, 3, 4]
+    assert len(opt._fused._apollo) == 1, "the three tall matrices share one launch"
+
+
+def test_official_projection_untouched_by_a_refused_step():
+    """projection='official' redraws P on the host: a non-finite step must put proj/proj_seed back."""
+    ps = _params([(9, 5)], torch.float32)
+    opt = APOLLO(ps, lr=1e-2, rank=3, update_proj_gap=1, projection="official", backend="triton")
+    _grads(ps, 0)
+    opt.step()
+    proj, seed = opt.state[ps[0]]["proj"].clone(), opt.state[ps[0]]["proj_seed"]
+    _grads(ps, 1)
+    ps[0].grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert opt.state[ps[0]]["proj_seed"] == seed, "proj_seed advanced on a refused step"
+    assert torch.equal(opt.state[ps[0]]["proj"], proj), "proj changed on a refused step"
+
+
 def test_many_tensors_one_launch():
     """40 matrices of one class go through one launch per kernel; every one matches the reference."""
     shapes = [(7, 3)] * 30 + [(3, 8)] * 10
