@@ -13,6 +13,7 @@ so it is never stored. The state dict holds only tensors and Python scalars.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -243,6 +244,8 @@ class APOLLO(Optimizer):
         if backend == "auto":
             on_cuda = bool(devices) and all(d.type == "cuda" and triton_usable(d) for d in devices)
             backend = "triton" if on_cuda else "reference"
+        if not isinstance(self.capturable, bool):
+            raise ValueError(f"capturable must be True or False, got {self.capturable!r}")
         if self.state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
         if backend == "reference":
@@ -251,6 +254,8 @@ class APOLLO(Optimizer):
             return "reference"
         if backend == "triton":
             bad = sorted(str(d) for d in devices if not triton_usable(d))
+            if importlib.util.find_spec("triton") is None:
+                raise ValueError("backend='triton' needs the triton package (pip install triton)")
             if bad:
                 raise ValueError(f"backend='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {bad}")
             if self.capturable and self.nonfinite == "raise":
