@@ -146,11 +146,29 @@ def build(impl: str, ps, gap: int, official_cls):
         return official_cls([group], lr=1e-4)
     backend = "reference" if impl.startswith("ours reference") else "triton"
     kw = dict(lr=1e-4, update_proj_gap=gap, backend=backend, weight_decay=0.0)
+    if "graph" in impl:
+        kw.update(lr=torch.tensor(1e-4, device=ps[0].device), capturable=True, nonfinite="skip")
     if "mini" in impl:
         return APOLLO.mini(ps, **kw)
     if "bf16 moments" in impl:
         kw["state_dtype"] = torch.bfloat16
     return APOLLO(ps, rank=256, **kw)
+
+
+def stepper(impl: str, opt: torch.optim.Optimizer, dev: torch.device) -> Callable[[], object]:
+    """opt.step, or for the 'graph' rows the replay of a CUDA graph of one capturable step."""
+    if "graph" not in impl:
+        return opt.step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
 
 
 def bench_row(impl, shapes, dtype, dev, args, official_cls) -> dict:
@@ -168,7 +186,7 @@ def bench_row(impl, shapes, dtype, dev, args, official_cls) -> dict:
         if gap == 200:
             row["first_step_ms"] = (time.perf_counter() - t0) * 1e3
         iters = args.iters if not impl.startswith(("ours reference", "apollo-torch")) else max(3, args.iters // 2)
-        ts = time_ms(opt.step, dev, iters, args.warmup)
+        ts = time_ms(stepper(impl, opt, dev), dev, iters, args.warmup)
         if gap == 200:
             row.update(summary(ts))
             row["state_MB"] = state_mb(opt)
@@ -276,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print("triton vs reference (max rel. error of the 3-step update):", meta["check"], flush=True)
     official_cls = load_official()
     impls = [
-        "ours triton", "ours triton bf16 moments", "ours triton mini", "ours reference",
+        "ours triton", "ours triton bf16 moments", "ours triton graph", "ours triton mini", "ours reference",
         "adamw fused", "adamw foreach", "apollo-torch", "apollo-torch mini",
     ]  # fmt: skip
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -291,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             min_bytes = numel * (12 if dtype == torch.float32 else 6)
             for impl in impls:
                 if impl in skip or (impl == "adamw fused" and dev.type == "cpu" and dtype == torch.bfloat16):
+                    continue
+                if "graph" in impl and dev.type != "cuda":
                     continue
                 row = bench_row(impl, shapes, dtype, dev, args, official_cls)
                 row.update(set=set_name, dtype=tag, numel=numel)
