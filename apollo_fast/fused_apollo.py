@@ -1,7 +1,8 @@
 """The Triton backend of `APOLLO`: groups the step's tensors, builds launch tables, launches.
 
 Per step, for every launch class (device, param group, dtypes, orientation, rank block) of APOLLO
-matrices: Philox P~ -> pass A (R, ||G_k||^2, found flag); for every AdamW class: the found-flag
+matrices: Philox P~ (regenerated on the device only when its refresh index changed) -> pass A (R,
+||G_k||^2, found flag); for every AdamW class: the found-flag
 check. Then, non-capturable: one host sync on the flag (raise or skip). Capturable: no sync; with
 nonfinite='skip' every later kernel reads the flag and leaves everything untouched. Then stage B
 (moments, scale factors, limiter) and pass C per APOLLO class, and one AdamW launch per class.
