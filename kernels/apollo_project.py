@@ -77,9 +77,7 @@ def _apollo_project_fwd_kernel(
         gg += tl.sum(g * g, axis=1)
         p = tl.load(p_ptr + offs_r[None, :] * d + offs_d[:, None], mask=mask_d[:, None] & mask_r[None, :], other=0.0)
         acc = tl.dot(g, p, acc, input_precision=DOT_PRECISION)
-    tl.store(
-        r_ptr + offs_c[:, None] * r + offs_r[None, :], acc * sign, mask=mask_c[:, None] & mask_r[None, :]
-    )
+    tl.store(r_ptr + offs_c[:, None] * r + offs_r[None, :], acc * sign, mask=mask_c[:, None] & mask_r[None, :])
     if chunk == 0:
         tl.store(gg_ws + ws + offs_c, gg, mask=mask_c)
         # inf * 0 and NaN * 0 are NaN: any non-finite gradient element makes its channel norm fail this.
