@@ -13,6 +13,7 @@ so it is never stored. The state dict holds only tensors and Python scalars.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -119,6 +120,11 @@ class APOLLO(Optimizer):
             (no parameter or state changes) and counts it in ``skipped_steps``.
         backend: 'auto' (Triton on CUDA when available, else the reference), 'reference' (plain
             fp32 PyTorch, any device), 'triton', 'cuda'.
+        capturable: (backend 'triton') step counters live on the device and lr may be a device
+            tensor: step() makes no host sync and can be captured in a CUDA graph. Needs
+            nonfinite='skip' (the skip is decided on the device) and projection='philox'.
+        state_dtype: dtype of APOLLO's projected moments, torch.float32 (default) or torch.bfloat16
+            (backend 'triton'; math stays fp32). AdamW moments are always fp32.
     """
 
     def __init__(
@@ -140,6 +146,8 @@ class APOLLO(Optimizer):
         seed: int = 0,
         nonfinite: str = "raise",
         backend: str = "auto",
+        capturable: bool = False,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -171,10 +179,12 @@ class APOLLO(Optimizer):
         self.seed = seed
         self.nonfinite = nonfinite
         self.backend = backend
+        self.capturable = capturable
+        self.state_dtype = state_dtype
         self.skipped_steps = 0
         self._param_index: dict[torch.Tensor, int] = {}
         self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
-        self._shapes: dict[torch.Tensor, tuple[int, ...]] = {}  # shape each state was made for
+        self._shapes: dict[torch.Tensor, torch.Size] = {}  # shape each state was made for
         super().__init__(params, defaults)
         self._backend_impl = self._resolve_backend(backend)
 
@@ -221,23 +231,51 @@ class APOLLO(Optimizer):
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.clone() if key == "step" else value.to(p.device, copy=True)
         self._proj_cache.clear()
-        self._shapes = {p: tuple(p.shape) for p in self.state}
+        self._shapes = {p: p.shape for p in self.state}
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 if "exp_avg" in self.state.get(p, {}):
                     have, need = tuple(self.state[p]["exp_avg"].shape), self._state_shape(group, p)
                     if have[0] != need[0] or (len(have) != len(need)):
                         raise ValueError(f"loaded state {have} does not fit {self._name(group, i, p)}")
+        if self._backend_impl == "triton":
+            self._fused.invalidate()  # its launch tables point at the replaced state tensors
 
     # -- the step -------------------------------------------------------------------------------
 
     def _resolve_backend(self, backend: str) -> str:
-        if backend in ("auto", "reference"):
-            # The fused backends plug in here; until they land, 'auto' means the reference.
+        from .fused_apollo import FusedApollo, triton_usable
+
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if backend == "auto":
+            on_cuda = bool(devices) and all(d.type == "cuda" and triton_usable(d) for d in devices)
+            backend = "triton" if on_cuda else "reference"
+        if not isinstance(self.capturable, bool):
+            raise ValueError(f"capturable must be True or False, got {self.capturable!r}")
+        if self.state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
+        if backend == "reference":
+            if self.capturable or self.state_dtype != torch.float32:
+                raise ValueError("capturable=True and state_dtype=torch.bfloat16 need backend='triton'")
             return "reference"
-        raise NotImplementedError(
-            f"backend={backend!r} is not available in this build; use backend='reference'"
-        )
+        if backend == "triton":
+            bad = sorted(str(d) for d in devices if not triton_usable(d))
+            if importlib.util.find_spec("triton") is None:
+                raise ValueError("backend='triton' needs the triton package (pip install triton)")
+            if bad:
+                raise ValueError(f"backend='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {bad}")
+            if self.capturable and self.nonfinite == "raise":
+                raise ValueError(
+                    "capturable=True with nonfinite='raise' is unsupported: raising needs a host sync; "
+                    "pass nonfinite='skip' (the skip is then decided on the device)"
+                )
+            if self.capturable and self.projection == "official":
+                raise ValueError(
+                    "capturable=True with projection='official' is unsupported (its redraw runs on the host)"
+                )
+            self._fused = FusedApollo(self)
+            return "triton"
+        raise NotImplementedError(f"backend={backend!r} is not available in this build; use 'triton' or 'reference'")
 
     def _name(self, group: dict[str, Any], i: int, p: torch.Tensor) -> str:
         names = group.get("param_names")
@@ -247,32 +285,43 @@ class APOLLO(Optimizer):
     def _uses_apollo(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         return group["apollo"] and p.dim() == 2
 
-    def _collect(self) -> list[tuple[dict[str, Any], torch.Tensor, str]]:
-        """The (group, param, name) triples to update, after checking every gradient's form."""
+    def _collect(self) -> list[tuple[dict[str, Any], torch.Tensor, int]]:
+        """The (group, param, index in group) triples to update, after checking every gradient's form.
+
+        Names are formatted only for errors: this runs every step, for every parameter."""
         work = []
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                name = self._name(group, i, p)
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"APOLLO does not support sparse gradients: {name}")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match {name}")
-                if not p.is_floating_point():
-                    raise TypeError(f"APOLLO needs floating-point parameters: {name} is {p.dtype}")
                 made_for = self._shapes.get(p)
-                if made_for is not None and made_for != tuple(p.shape):
-                    raise ValueError(f"{name} changed shape since its optimizer state was made for {made_for}")
-                work.append((group, p, name))
+                if (
+                    grad.is_sparse
+                    or grad.shape != p.shape
+                    or not p.is_floating_point()
+                    or (made_for is not None and made_for != p.shape)
+                ):
+                    self._raise_bad_param(group, i, p, made_for)
+                work.append((group, p, i))
         return work
+
+    def _raise_bad_param(self, group: dict[str, Any], i: int, p: torch.Tensor, made_for: Any) -> None:
+        name = self._name(group, i, p)
+        if p.grad.is_sparse:
+            raise RuntimeError(f"APOLLO does not support sparse gradients: {name}")
+        if p.grad.shape != p.shape:
+            raise ValueError(f"gradient shape {tuple(p.grad.shape)} does not match {name}")
+        if not p.is_floating_point():
+            raise TypeError(f"APOLLO needs floating-point parameters: {name} is {p.dtype}")
+        raise ValueError(f"{name} changed shape since its optimizer state was made for {tuple(made_for)}")
 
     def _state_shape(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
         if not self._uses_apollo(group, p):
             return tuple(p.shape)
         return (max(p.shape), effective_rank(group["rank"], p.shape, self.projection))
 
-    def _grads_finite(self, work: list[tuple[dict[str, Any], torch.Tensor, str]]) -> bool:
+    def _grads_finite(self, work: list[tuple[dict[str, Any], torch.Tensor, int]]) -> bool:
         """True when every gradient is finite; raises under nonfinite='raise'. One host sync."""
         if not work:
             return True
@@ -285,7 +334,7 @@ class APOLLO(Optimizer):
         if bool(flags.all()):
             return True
         if self.nonfinite == "raise":
-            bad = [name for (_, _, name), ok in zip(work, flags.tolist(), strict=True) if not ok]
+            bad = [self._name(g, i, p) for (g, p, i), ok in zip(work, flags.tolist(), strict=True) if not ok]
             raise NonFiniteGradientError(
                 f"non-finite gradient (inf or NaN) in {', '.join(bad)}; nothing was updated. "
                 "Pass nonfinite='skip' to skip such steps instead."
@@ -300,6 +349,9 @@ class APOLLO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._collect()
+        if self._backend_impl == "triton":
+            self._fused.step(work)
+            return loss
         if not self._grads_finite(work):
             self.skipped_steps += 1
             return loss
@@ -312,7 +364,7 @@ class APOLLO(Optimizer):
         if "exp_avg" in state:
             return state
         shape = self._state_shape(group, p)
-        self._shapes[p] = tuple(p.shape)
+        self._shapes[p] = p.shape
         state["step"] = torch.zeros((), dtype=torch.float32)
         state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)

@@ -1,0 +1,126 @@
+"""AdamW for the non-matrix parameters, all of one dtype in one multi-tensor launch.
+
+Same function as apollo_fast.reference.adamw_update (torch.optim.AdamW): decay first, then
+m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2, p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+The found-flag kernel checks these gradients before anything is updated.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tables as T
+
+_P = tl.constexpr(T.AW_P)
+_G = tl.constexpr(T.AW_G)
+_M = tl.constexpr(T.AW_M)
+_V = tl.constexpr(T.AW_V)
+_N = tl.constexpr(T.AW_N)
+_TILE = tl.constexpr(T.AW_TILE)
+_STEP = tl.constexpr(T.AW_STEP)
+_DYN_STEP_SIZE = tl.constexpr(T.AWD_STEP_SIZE)
+_DYN_BC2 = tl.constexpr(T.AWD_BC2)
+_DYN_WIDTH = tl.constexpr(T.AWD_WIDTH)
+_WIDTH = tl.constexpr(T.AW_WIDTH)
+
+ADAMW_BLOCK = 2048
+
+
+@triton.jit
+def _nonfinite_check_fwd_kernel(meta, tile_map, found, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """found <- 1 when any gradient element of this tile is inf or NaN."""
+    pid = tl.program_id(0)
+    row = meta + tl.load(tile_map + pid).to(tl.int64) * _WIDTH
+    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
+    n = tl.load(row + _N)
+    offs = (pid - tl.load(row + _TILE)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    bad = tl.max(((g * 0.0) != 0.0).to(tl.int32), axis=0)
+    if bad > 0:
+        tl.atomic_max(found, bad)
+
+
+def nonfinite_check_group(meta: torch.Tensor, tile_map: torch.Tensor, found: torch.Tensor, g_dtype: tl.dtype) -> None:
+    """Raise the found flag if any gradient named in `meta` holds inf/NaN (one launch)."""
+    _nonfinite_check_fwd_kernel[(tile_map.numel(),)](meta, tile_map, found, G_DTYPE=g_dtype, BLOCK=ADAMW_BLOCK)
+
+
+@triton.jit
+def _adamw_fwd_kernel(
+    meta,
+    dyn,
+    tile_map,
+    found,
+    lr_ptr,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    sign,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    CAPTURABLE: tl.constexpr,
+    SKIP_ON_FOUND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One AdamW step on BLOCK elements of one tensor (fp32 moments, fp32 math)."""
+    if SKIP_ON_FOUND:
+        if tl.load(found) != 0:
+            return
+    pid = tl.program_id(0)
+    mat = tl.load(tile_map + pid).to(tl.int64)
+    row = meta + mat * _WIDTH
+    p_ptr = tl.load(row + _P).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(row + _M).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + _V).to(tl.pointer_type(tl.float32))
+    n = tl.load(row + _N)
+    offs = (pid - tl.load(row + _TILE)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if CAPTURABLE:
+        step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
+        lr = tl.load(lr_ptr).to(tl.float32)
+        step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
+        bc2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+    else:
+        step_size = tl.load(dyn + mat * _DYN_WIDTH + _DYN_STEP_SIZE).to(tl.float32)
+        bc2 = tl.load(dyn + mat * _DYN_WIDTH + _DYN_BC2).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
+    w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    w = w * (1.0 - lr * weight_decay)
+    m = m + (g - m) * (1.0 - beta1)
+    v = v * beta2 + (g * g) * (1.0 - beta2)
+    w = w - step_size * m / (tl.sqrt(v) / bc2 + eps)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(p_ptr + offs, w.to(P_DTYPE), mask=mask)
+
+
+def adamw_group(
+    meta: torch.Tensor,
+    dyn: torch.Tensor,
+    tile_map: torch.Tensor,
+    found: torch.Tensor,
+    lr_t: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    sign: float,
+    p_dtype: tl.dtype,
+    g_dtype: tl.dtype,
+    capturable: bool,
+    skip_on_found: bool,
+) -> None:
+    """AdamW on every tensor named in `meta` (one launch)."""
+    _adamw_fwd_kernel[(tile_map.numel(),)](
+        meta, dyn, tile_map, found, lr_t, lr, beta1, beta2, eps, weight_decay, sign,
+        P_DTYPE=p_dtype, G_DTYPE=g_dtype, CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found, BLOCK=ADAMW_BLOCK,
+    )  # fmt: skip

@@ -1,0 +1,311 @@
+"""Stage B and pass C of the fused APOLLO step.
+
+Stage B touches only r-sized data: the moments kernel updates M and V from the R scratch and
+writes the per-channel ||N_k||^2 and ||R_k||^2; the scale kernel (one program per matrix, C-sized
+vectors) turns them into the scaling factors, ||S||^2 = sum_k s_k^2 ||G_k||^2, the limiter factor
+and one coefficient per channel, coef_k = sign * eta_t * alpha * s_k / lam. Pass C then applies
+W <- (W - coef ⊙ G) (1 - lr wd) in one read of G and W and one write of W, fp32 math.
+With SKIP_ON_FOUND every kernel leaves everything untouched once the found flag is raised.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tables as T
+
+_G = tl.constexpr(T.AP_G)
+_W = tl.constexpr(T.AP_W)
+_M = tl.constexpr(T.AP_M)
+_V = tl.constexpr(T.AP_V)
+_R = tl.constexpr(T.AP_R)
+_WS = tl.constexpr(T.AP_WS)
+_C = tl.constexpr(T.AP_C)
+_D = tl.constexpr(T.AP_D)
+_RANK = tl.constexpr(T.AP_RANK)
+_STEP = tl.constexpr(T.AP_STEP)
+_LIM = tl.constexpr(T.AP_LIM)
+_TILE_A = tl.constexpr(T.AP_TILE_A)
+_TILE_C = tl.constexpr(T.AP_TILE_C)
+_DYN_ETA = tl.constexpr(T.APD_ETA)
+_DYN_FIRST = tl.constexpr(T.APD_FIRST)
+_DYN_WIDTH = tl.constexpr(T.APD_WIDTH)
+_WIDTH = tl.constexpr(T.AP_WIDTH)
+
+SCALE_BLOCK = 1024
+
+
+@triton.jit
+def _apollo_moments_fwd_kernel(
+    meta,
+    tile_map,
+    nn_ws,
+    rr_ws,
+    found,
+    beta1,
+    beta2,
+    eps,
+    M_DTYPE: tl.constexpr,
+    SKIP_ON_FOUND: tl.constexpr,
+    N_RCHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SUB_C: tl.constexpr,
+):
+    """M <- b1 M + (1-b1) R; V <- b2 V + (1-b2) R^2 on one tile; per-channel ||N_k||^2, ||R_k||^2."""
+    if SKIP_ON_FOUND:
+        if tl.load(found) != 0:
+            return
+    pid = tl.program_id(0)
+    tile = pid // N_RCHUNK
+    chunk = pid % N_RCHUNK
+    mat = tl.load(tile_map + tile).to(tl.int64)
+    row = meta + mat * _WIDTH
+    m_ptr = tl.load(row + _M).to(tl.pointer_type(M_DTYPE))
+    v_ptr = tl.load(row + _V).to(tl.pointer_type(M_DTYPE))
+    r_ptr = tl.load(row + _R).to(tl.pointer_type(tl.float32))
+    ws = tl.load(row + _WS)
+    C = tl.load(row + _C)
+    r = tl.load(row + _RANK)
+    tile0 = tl.load(row + _TILE_A)
+    offs_r = chunk.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # SUB_C channels at a time: three live SUB_C x BLOCK_R fp32 tiles stay in registers.
+    for cs in tl.static_range(0, BLOCK_C, SUB_C):
+        offs_c = (tile - tile0).to(tl.int64) * BLOCK_C + cs + tl.arange(0, SUB_C)
+        mask_c = offs_c < C
+        mask = mask_c[:, None] & (offs_r < r)[None, :]
+        offs = offs_c[:, None] * r + offs_r[None, :]
+        rp = tl.load(r_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = m * beta1 + rp * (1.0 - beta1)
+        v = v * beta2 + (rp * rp) * (1.0 - beta2)
+        n = m / (tl.sqrt(v) + eps)
+        n = tl.where(mask, n, 0.0)
+        tl.store(m_ptr + offs, m.to(M_DTYPE), mask=mask)
+        tl.store(v_ptr + offs, v.to(M_DTYPE), mask=mask)
+        nn = tl.sum(n * n, axis=1)
+        rr = tl.sum(rp * rp, axis=1)
+        if N_RCHUNK == 1:
+            tl.store(nn_ws + ws + offs_c, nn, mask=mask_c)
+            tl.store(rr_ws + ws + offs_c, rr, mask=mask_c)
+        else:
+            tl.atomic_add(nn_ws + ws + offs_c, nn, mask=mask_c)
+            tl.atomic_add(rr_ws + ws + offs_c, rr, mask=mask_c)
+
+
+def apollo_moments_group(
+    meta: torch.Tensor,
+    tile_map: torch.Tensor,
+    nn_ws: torch.Tensor,
+    rr_ws: torch.Tensor,
+    found: torch.Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    m_dtype: tl.dtype,
+    skip_on_found: bool,
+    n_rchunk: int,
+    block_c: int,
+    block_r: int,
+) -> None:
+    """Moments and per-channel norms for every matrix in `meta` (nn/rr pre-zeroed when n_rchunk > 1)."""
+    grid = (tile_map.numel() * n_rchunk,)
+    _apollo_moments_fwd_kernel[grid](
+        meta, tile_map, nn_ws, rr_ws, found, beta1, beta2, eps,
+        M_DTYPE=m_dtype, SKIP_ON_FOUND=skip_on_found, N_RCHUNK=n_rchunk, BLOCK_C=block_c, BLOCK_R=block_r,
+        SUB_C=min(block_c, max(1, 2048 // block_r)), num_warps=4,
+    )  # fmt: skip
+
+
+@triton.jit
+def _apollo_scale_fwd_kernel(
+    meta,
+    dyn,
+    nn_ws,
+    rr_ws,
+    gg_ws,
+    found,
+    lr_ptr,
+    alpha,
+    beta1,
+    beta2,
+    gamma,
+    sign,
+    CAPTURABLE: tl.constexpr,
+    SKIP_ON_FOUND: tl.constexpr,
+    CHANNEL: tl.constexpr,
+    LIMITER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per matrix: coef_k (written over nn_ws) and the limiter's stored norm."""
+    if SKIP_ON_FOUND:
+        if tl.load(found) != 0:
+            return
+    mat = tl.program_id(0).to(tl.int64)
+    row = meta + mat * _WIDTH
+    ws = tl.load(row + _WS)
+    C = tl.load(row + _C)
+    nn_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    rr_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    gg_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    ss_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK):
+        offs = ws + c0 + tl.arange(0, BLOCK)
+        mask = (c0 + tl.arange(0, BLOCK)) < C
+        nn = tl.load(nn_ws + offs, mask=mask, other=0.0)
+        rr = tl.load(rr_ws + offs, mask=mask, other=0.0)
+        gg = tl.load(gg_ws + offs, mask=mask, other=0.0)
+        if CHANNEL:
+            s = tl.sqrt(nn) / (tl.sqrt(rr) + 1e-8)
+            ss_sum += s * s * gg
+        else:
+            nn_sum += nn
+            rr_sum += rr
+            gg_sum += gg
+    if CHANNEL:
+        norm_s = tl.sqrt(tl.sum(ss_sum, axis=0))
+        s_tensor = 0.0
+    else:
+        s_tensor = tl.sqrt(tl.sum(nn_sum, axis=0)) / (tl.sqrt(tl.sum(rr_sum, axis=0)) + 1e-8)
+        norm_s = s_tensor * tl.sqrt(tl.sum(gg_sum, axis=0))
+    if CAPTURABLE:
+        step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
+        lr = tl.load(lr_ptr).to(tl.float32)
+        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+        bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
+        eta_alpha = lr * tl.sqrt(bc2) / bc1 * alpha
+        first = step == 1.0
+    else:
+        eta_alpha = tl.load(dyn + mat * _DYN_WIDTH + _DYN_ETA).to(tl.float32)
+        first = tl.load(dyn + mat * _DYN_WIDTH + _DYN_FIRST) != 0.0
+    lam = 1.0
+    if LIMITER:
+        lim_ptr = tl.load(row + _LIM).to(tl.pointer_type(tl.float32))
+        prev = tl.load(lim_ptr)
+        lam = tl.where(first, 1.0, tl.maximum(norm_s / (prev + 1e-8), gamma) / gamma)
+        tl.store(lim_ptr, norm_s / lam)
+    factor = sign * eta_alpha / lam
+    for c0 in range(0, C, BLOCK):
+        offs = ws + c0 + tl.arange(0, BLOCK)
+        mask = (c0 + tl.arange(0, BLOCK)) < C
+        if CHANNEL:
+            nn = tl.load(nn_ws + offs, mask=mask, other=0.0)
+            rr = tl.load(rr_ws + offs, mask=mask, other=0.0)
+            s = tl.sqrt(nn) / (tl.sqrt(rr) + 1e-8)
+        else:
+            s = tl.zeros((BLOCK,), dtype=tl.float32) + s_tensor
+        tl.store(nn_ws + offs, s * factor, mask=mask)
+
+
+def apollo_scale_group(
+    meta: torch.Tensor,
+    dyn: torch.Tensor,
+    nn_ws: torch.Tensor,
+    rr_ws: torch.Tensor,
+    gg_ws: torch.Tensor,
+    found: torch.Tensor,
+    lr_t: torch.Tensor,
+    *,
+    alpha: float,
+    beta1: float,
+    beta2: float,
+    gamma: float | None,
+    sign: float,
+    capturable: bool,
+    skip_on_found: bool,
+    channel: bool,
+) -> None:
+    """Per-channel update coefficients (over nn_ws) and limiter norms for every matrix in `meta`."""
+    grid = (meta.shape[0],)
+    _apollo_scale_fwd_kernel[grid](
+        meta, dyn, nn_ws, rr_ws, gg_ws, found, lr_t, alpha, beta1, beta2,
+        1.0 if gamma is None else gamma, sign,
+        CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found, CHANNEL=channel, LIMITER=gamma is not None,
+        BLOCK=SCALE_BLOCK,
+    )  # fmt: skip
+
+
+@triton.jit
+def _apollo_update_fwd_kernel(
+    meta,
+    tile_map,
+    coef_ws,
+    found,
+    lr_ptr,
+    decay,
+    weight_decay,
+    W_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    TALL: tl.constexpr,
+    CAPTURABLE: tl.constexpr,
+    SKIP_ON_FOUND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """W <- (W - coef ⊙ G) * (1 - lr wd) on a BLOCK_M x BLOCK_N tile of the row-major m x n W."""
+    if SKIP_ON_FOUND:
+        if tl.load(found) != 0:
+            return
+    pid = tl.program_id(0)
+    mat = tl.load(tile_map + pid).to(tl.int64)
+    row = meta + mat * _WIDTH
+    w_ptr = tl.load(row + _W).to(tl.pointer_type(W_DTYPE))
+    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
+    ws = tl.load(row + _WS)
+    C = tl.load(row + _C)
+    d = tl.load(row + _D)
+    tile0 = tl.load(row + _TILE_C)
+    if TALL:
+        m = C
+        n = d
+    else:
+        m = d
+        n = C
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    local = (pid - tile0).to(tl.int64)
+    rows = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rows < m
+    mask_n = cols < n
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs = rows[:, None] * n + cols[None, :]
+    if TALL:
+        coef = tl.load(coef_ws + ws + rows, mask=mask_m, other=0.0)[:, None]
+    else:
+        coef = tl.load(coef_ws + ws + cols, mask=mask_n, other=0.0)[None, :]
+    if CAPTURABLE:
+        decay = 1.0 - tl.load(lr_ptr).to(tl.float32) * weight_decay
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = (w - coef * g) * decay
+    tl.store(w_ptr + offs, w.to(W_DTYPE), mask=mask)
+
+
+def apollo_update_group(
+    meta: torch.Tensor,
+    tile_map: torch.Tensor,
+    coef_ws: torch.Tensor,
+    found: torch.Tensor,
+    lr_t: torch.Tensor,
+    *,
+    decay: float,
+    weight_decay: float,
+    w_dtype: tl.dtype,
+    g_dtype: tl.dtype,
+    tall: bool,
+    capturable: bool,
+    skip_on_found: bool,
+    block_m: int,
+    block_n: int,
+) -> None:
+    """Pass C for every matrix in `meta` (one launch)."""
+    grid = (tile_map.numel(),)
+    _apollo_update_fwd_kernel[grid](
+        meta, tile_map, coef_ws, found, lr_t, decay, weight_decay,
+        W_DTYPE=w_dtype, G_DTYPE=g_dtype, TALL=tall, CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
