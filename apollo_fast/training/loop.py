@@ -244,7 +244,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     _check_config(cfg)
-    _steps.load_frozen_api()  # fail before any work when the frozen-context core is missing
     out = Path(cfg.out)
     earlier = _earlier_run(cfg, out)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -11,7 +11,6 @@ from torch import nn
 from .data import IGNORE_INDEX, BehaviourExample, GeneralItem, Segment
 
 __all__ = [
-    "FrozenCoreMissing",
     "load_frozen_api",
     "pad_segments",
     "behaviour_backward",
@@ -20,19 +19,10 @@ __all__ = [
 ]
 
 
-class FrozenCoreMissing(ImportError):
-    """apollo_fast.encode_context / segment_loss are not available in this install."""
-
-
 def load_frozen_api() -> tuple[Callable[..., Any], Callable[..., torch.Tensor]]:
-    """(encode_context, segment_loss) from apollo_fast, imported lazily."""
-    try:
-        from apollo_fast import encode_context, segment_loss
-    except ImportError as err:
-        raise FrozenCoreMissing(
-            "apollo-fast train needs the frozen-context core (apollo_fast.encode_context and "
-            "apollo_fast.segment_loss), which this install does not have"
-        ) from err
+    """(encode_context, segment_loss): the one seam between this command and the frozen-context core."""
+    from apollo_fast.frozen import encode_context, segment_loss
+
     return encode_context, segment_loss
 
 

@@ -62,14 +62,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _main(args: argparse.Namespace) -> int:
     from .checkpoint import CHECKPOINT_DIR, latest_checkpoint
     from .loop import train
-    from .steps import FrozenCoreMissing
 
     cfg = config_from_args(args)
     try:
         result = train(cfg)
-    except FrozenCoreMissing as err:
-        print(f"apollo-fast train: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         latest = latest_checkpoint(Path(cfg.out) / CHECKPOINT_DIR)
         where = f"the latest checkpoint is {latest}; continue with --resume" if latest else "no checkpoint was written"
