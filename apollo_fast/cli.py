@@ -13,6 +13,8 @@ import sys
 
 COMMANDS = [
     "apollo_fast.demo",
+    "apollo_fast.vectors.cli",
+    "apollo_fast.steering.cli",
 ]
 
 
