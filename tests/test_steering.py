@@ -196,7 +196,7 @@ def test_bake_reduces_kl_and_keeps_effect(mode_model):
     r = bake_steering(model, sv, prompts, coefficient=4.0, layers=[0], steps=40, lr=1e-2, batch_size=20,
                       eval_pairs=held)
     assert r.kl_after < 0.5 * r.kl_before, f"KL {r.kl_before:.4f} -> {r.kl_after:.4f}"
-    assert r.margin_retained is not None and r.margin_retained > 0.3, f"retained {r.margin_retained}"
+    assert r.margin_retained is not None and r.margin_retained > 0.5, f"retained {r.margin_retained}"
     hooks = sum(len(m._forward_hooks) for m in model.modules())
     assert hooks == 0, "bake must leave no hook behind"
 

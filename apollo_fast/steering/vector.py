@@ -108,6 +108,8 @@ class SteeringVector:
                    meta.get("method", "?"), int(meta.get("position", -1)), json.loads(meta.get("info", "{}")))
 
     def warn_if_other_model(self, model: nn.Module) -> None:
+        """check_compatible, then a warning (not an error) when the weights differ from the extraction model's."""
+        self.check_compatible(model)
         fp = model_summary(model)["fingerprint"]
         if self.model.get("fingerprint") and fp != self.model["fingerprint"]:
             warnings.warn(f"steering vector was extracted from {self.model.get('name')!r} "

@@ -1,20 +1,27 @@
-"""TIES-merging and DARE on task vectors, lazily, one tensor at a time.
+"""TIES-merging and DARE on task vectors, lazily, one tensor at a time, in bounded memory.
 
 TIES (Yadav et al. 2023, arXiv 2306.01708): for task vectors tau_1..tau_n,
-  1. trim: keep each tau_i's entries of the largest magnitude (a fraction `density`), zero the rest;
+  1. trim: keep the k = round(density * numel) entries of largest magnitude of each tau_i (over
+     the whole model, as the paper does, or per tensor, as mergekit does); ties at the k-th
+     magnitude are broken by position (tensor order, then flat index), so exactly k survive;
   2. elect: per entry, the sign of sum_i w_i * trimmed_i ('sum': total magnitude decides) or of
      sum_i sign(w_i * trimmed_i) ('count': a majority vote, each vector one vote);
   3. disjoint mean: average w_i * trimmed_i over the vectors whose entry is non-zero and has the
      elected sign, divided by the sum of their weights (the plain mean when all w_i = 1);
   4. scale by lambda.
 DARE (Yu et al. 2023, arXiv 2311.03099): drop each entry with probability p, scale the rest by 1/(1-p).
+
+`ties_reference` / `dare_reference` are the readable specification on one tensor; `ties_merge`
+computes the same thing streaming (radix-select thresholds, element-wise work in chunks).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .task_vector import TaskVector, _check_same_base, _check_same_keys
@@ -23,6 +30,7 @@ __all__ = [
     "ties_merge",
     "dare",
     "ties_reference",
+    "ties_combine",
     "dare_reference",
     "kth_largest_magnitude",
     "model_trim_thresholds",
@@ -32,89 +40,25 @@ __all__ = [
 
 TRIM_SCOPES = ("model", "tensor")
 SIGN_METHODS = ("sum", "count")
+CHUNK = 1 << 22  # elements per chunk of element-wise work (bounds temporaries to ~16 MB per tensor)
 
 
 def _keep_count(n: int, density: float) -> int:
     return min(n, max(0, int(round(density * n))))
 
 
-def kth_largest_magnitude(x: torch.Tensor, k: int) -> float:
-    """The k-th largest |x| (k >= 1); +inf when k == 0 (keep nothing). x: any shape."""
-    n = x.numel()
-    if k <= 0:
-        return float("inf")
-    if k >= n:
-        return 0.0
-    return torch.kthvalue(x.detach().reshape(-1).abs().float(), n - k + 1).values.item()
-
-
-def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
-    """|t| in fp32 as int32 bit patterns: for non-negative floats the integer order is the float order."""
-    a = t.detach().reshape(-1).float().abs()
-    if not torch.isfinite(a).all():
-        raise ValueError("task vector holds inf or NaN; cannot trim by magnitude")
-    return a.view(torch.int32)
-
-
-def model_trim_thresholds(
-    vectors: Sequence[TaskVector], density: float, progress: bool = False
-) -> list[float]:
-    """Per vector, the k-th largest |entry| over ALL its tensors (k = round(density * numel)).
-
-    Exact, with bounded memory: a two-pass radix select on the fp32 bit patterns (pass 1 counts
-    the top 16 bits, pass 2 the low 16 bits inside the bucket that holds the k-th largest). Each
-    pass reads every tensor of every vector once.
-    """
-    from tqdm.auto import tqdm
-
-    out = []
-    for i, v in enumerate(vectors):
-        n = v.numel()
-        k = _keep_count(n, density)
-        if k == 0:
-            out.append(float("inf"))
-            continue
-        if k >= n:
-            out.append(0.0)
-            continue
-        hi = torch.zeros(1 << 15, dtype=torch.int64)  # sign bit is 0, so top 16 bits < 2**15
-        for key in tqdm(v.keys(), desc=f"trim pass 1/2 (vector {i})", disable=not progress, leave=False):
-            hi += torch.bincount(_magnitude_bits(v[key]) >> 16, minlength=1 << 15)
-        above = torch.flip(torch.cumsum(torch.flip(hi, [0]), 0), [0])  # above[b] = count in buckets >= b
-        bucket = int(torch.nonzero(above >= k).max())
-        rank = k - (int(above[bucket + 1]) if bucket + 1 < above.numel() else 0)  # rank inside the bucket
-        lo = torch.zeros(1 << 16, dtype=torch.int64)
-        for key in tqdm(v.keys(), desc=f"trim pass 2/2 (vector {i})", disable=not progress, leave=False):
-            bits = _magnitude_bits(v[key])
-            sel = bits[(bits >> 16) == bucket]
-            if sel.numel():
-                lo += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
-        above_lo = torch.flip(torch.cumsum(torch.flip(lo, [0]), 0), [0])
-        low = int(torch.nonzero(above_lo >= rank).max())
-        bits = torch.tensor([(bucket << 16) | low], dtype=torch.int32)
-        out.append(bits.view(torch.float32).item())
-    return out
-
-
-def ties_reference(
-    deltas: torch.Tensor,
-    thresholds: Sequence[float] | torch.Tensor,
-    weights: Sequence[float] | torch.Tensor | None = None,
-    sign: str = "sum",
-    lam: float = 1.0,
+# ------------------------------------------------------------------------------- specification
+def ties_combine(
+    trimmed: torch.Tensor, weights: Sequence[float] | torch.Tensor | None = None, sign: str = "sum", lam: float = 1.0
 ) -> torch.Tensor:
-    """TIES on one tensor. deltas: (n_vectors, *shape) fp32; thresholds: (n_vectors,), entries with
-    |delta| >= threshold survive the trim; weights: (n_vectors,). Returns (*shape) fp32."""
+    """Steps 2-4 of TIES on already-trimmed deltas (n_vectors, *shape) fp32 -> (*shape) fp32."""
     if sign not in SIGN_METHODS:
         raise ValueError(f"sign must be one of {SIGN_METHODS}, got {sign!r}")
-    n = deltas.shape[0]
-    d = deltas.float()
-    view = (n,) + (1,) * (d.dim() - 1)
-    thr = torch.as_tensor(thresholds, dtype=torch.float32).reshape(view)
+    n = trimmed.shape[0]
+    view = (n,) + (1,) * (trimmed.dim() - 1)
     w = torch.ones(n) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    w = w.reshape(view)
-    trimmed = torch.where(d.abs() >= thr, d, torch.zeros((), dtype=d.dtype))
-    weighted = trimmed * w
+    w = w.reshape(view).to(trimmed.device)
+    weighted = trimmed.float() * w
     if sign == "sum":
         elected = torch.sign(weighted.sum(0))
     else:
@@ -122,8 +66,134 @@ def ties_reference(
     agree = (torch.sign(weighted) == elected) & (weighted != 0)
     num = (weighted * agree).sum(0)
     den = (w * agree).sum(0)
-    merged = torch.where(den != 0, num / torch.where(den != 0, den, torch.ones((), dtype=den.dtype)), 0.0)
-    return merged * lam
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0.0) * lam
+
+
+def ties_reference(
+    deltas: torch.Tensor,
+    density: float,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    sign: str = "sum",
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """TIES on one tensor, trimmed per tensor. deltas: (n_vectors, *shape) fp32 -> (*shape) fp32.
+
+    Keeps the k = round(density * numel) largest magnitudes of each vector; among equal magnitudes
+    the lower flat index wins (a stable sort).
+    """
+    d = deltas.float()
+    flat = d.reshape(d.shape[0], -1)
+    k = _keep_count(flat.shape[1], density)
+    trimmed = torch.zeros_like(flat)
+    for i in range(flat.shape[0]):
+        top = torch.sort(flat[i].abs(), descending=True, stable=True).indices[:k]
+        trimmed[i, top] = flat[i, top]
+    return ties_combine(trimmed.reshape(d.shape), weights, sign, lam)
+
+
+def kth_largest_magnitude(x: torch.Tensor, k: int) -> float:
+    """The k-th largest |x| (k >= 1); +inf when k == 0 (keep nothing). x: any shape."""
+    return _select([x], k).threshold
+
+
+# ------------------------------------------------------------------------------- radix select
+@dataclass
+class _Selection:
+    """The k-th largest magnitude and how many entries equal to it to keep (-1: all of them)."""
+
+    threshold: float
+    ties_kept: int
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """|t| in fp32 as int32 bit patterns: for non-negative floats the integer order is the float order."""
+    a = t.detach().reshape(-1).float().abs()
+    if not torch.isfinite(a).all():
+        raise ValueError("task vector holds inf or NaN; cannot trim by magnitude")
+    return a.view(torch.int32)
+
+
+def _count_at_or_above(hist: torch.Tensor) -> np.ndarray:
+    """Reverse cumulative counts of a histogram (numpy: these small arrays are not worth torch's dispatch)."""
+    return np.cumsum(hist.numpy()[::-1])[::-1]
+
+
+def _chunks(t: torch.Tensor) -> Iterable[torch.Tensor]:
+    flat = t.reshape(-1)
+    for s in range(0, flat.numel(), CHUNK):
+        yield flat[s : s + CHUNK]
+
+
+def _select(tensors: Iterable[torch.Tensor] | Sequence[torch.Tensor], k: int, again=None) -> _Selection:
+    """Exact k-th largest |x| over all tensors, in two counting passes (top 16 bits, then low 16 bits
+    inside the bucket holding it). `again()` re-yields the tensors for pass 2 (default: reuse them)."""
+    if k <= 0:
+        return _Selection(float("inf"), 0)
+    hi = torch.zeros(1 << 15, dtype=torch.int64)  # the sign bit is 0, so the top 16 bits are < 2**15
+    n = 0
+    for t in tensors:
+        for c in _chunks(t):
+            hi += torch.bincount(_bits(c) >> 16, minlength=1 << 15)
+            n += c.numel()
+    if k >= n:
+        return _Selection(0.0, -1)  # keep everything (-1: no tie limit)
+    above = _count_at_or_above(hi)  # above[b] = count in buckets >= b
+    bucket = int(np.flatnonzero(above >= k).max())
+    higher = int(above[bucket + 1]) if bucket + 1 < above.size else 0
+    rank = k - higher  # the k-th largest is the rank-th largest inside the bucket
+    lo = torch.zeros(1 << 16, dtype=torch.int64)
+    for t in again() if again is not None else tensors:
+        for c in _chunks(t):
+            b = _bits(c)
+            sel = b[(b >> 16) == bucket]
+            if sel.numel():
+                lo += torch.bincount(sel & 0xFFFF, minlength=1 << 16)
+    above_lo = _count_at_or_above(lo)
+    low = int(np.flatnonzero(above_lo >= rank).max())
+    strictly_above = higher + (int(above_lo[low + 1]) if low + 1 < above_lo.size else 0)
+    value = torch.tensor([(bucket << 16) | low], dtype=torch.int32).view(torch.float32).item()
+    ties = k - strictly_above
+    return _Selection(value, -1 if ties == int(lo[low]) else ties)  # -1: every tie is kept, no limit needed
+
+
+def model_trim_thresholds(vectors: Sequence[TaskVector], density: float, progress: bool = False) -> list[float]:
+    """Per vector, the k-th largest |entry| over ALL its tensors (k = round(density * numel))."""
+    return [s.threshold for s in _model_selections(vectors, density, progress)]
+
+
+def _model_selections(vectors: Sequence[TaskVector], density: float, progress: bool) -> list[_Selection]:
+    from tqdm.auto import tqdm
+
+    out = []
+    for i, v in enumerate(vectors):
+
+        def read(p: int, v=v, i=i):
+            for key in tqdm(v.keys(), desc=f"trim pass {p}/2 (vector {i})", disable=not progress, leave=False):
+                yield v[key]
+
+        out.append(_select(read(1), _keep_count(v.numel(), density), lambda read=read: read(2)))
+    return out
+
+
+def _trim_chunked(x: torch.Tensor, thr: float, ties_left: int) -> tuple[torch.Tensor, int]:
+    """Zero all but |x| > thr and the first `ties_left` entries with |x| == thr (flat order); -1 = no limit.
+
+    Returns the trimmed fp32 tensor and the number of ties still allowed after it.
+    """
+    out = torch.empty(x.shape, dtype=torch.float32)
+    of, xf = out.reshape(-1), x.reshape(-1)
+    for s in range(0, xf.numel(), CHUNK):
+        c = xf[s : s + CHUNK].float()
+        a = c.abs()
+        keep = a > thr
+        if ties_left != 0:
+            eq = a == thr
+            if ties_left > 0:
+                eq &= torch.cumsum(eq, 0) <= ties_left
+                ties_left -= int(eq.sum())
+            keep |= eq
+        of[s : s + CHUNK] = torch.where(keep, c, 0.0)
+    return out, ties_left
 
 
 def ties_merge(
@@ -138,9 +208,10 @@ def ties_merge(
     """TIES-merge task vectors into one (lazy). Defaults are the paper's: keep the top 20% of each
     vector's magnitudes over the whole model, elect signs by total magnitude, lambda 1.
 
-    trim='tensor' keeps the top `density` per tensor instead (as mergekit does); sign='count'
-    elects by majority vote. With trim='model' the thresholds are computed here (two passes over
-    every vector); the merged tensors are computed on access.
+    trim='tensor' keeps the top `density` of each tensor instead (as mergekit does); sign='count'
+    elects by majority vote. With trim='model' the thresholds are computed here (two read passes
+    over every vector) and the merged tensors are computed on access in tensor order (ties at the
+    threshold are given out in key order, so access them in order, e.g. by saving or applying).
     """
     vectors = list(vectors)
     if not vectors:
@@ -158,24 +229,57 @@ def ties_merge(
         raise ValueError(f"TIES weights must be >= 0, got {w}")
     _check_same_keys(vectors, "ties")
     _check_same_base(vectors, "ties")
-    global_thr = model_trim_thresholds(vectors, density, progress) if trim == "model" and density < 1 else None
+    keys = vectors[0].keys()
+    model_sel: list[_Selection] | None = None
+    tie_budget: dict[str, list[int]] = {}
+    if trim == "model" and density < 1.0:
+        model_sel = _model_selections(vectors, density, progress)
+        tie_budget = _tie_budgets(vectors, model_sel, keys)
 
     def compute(k: str) -> torch.Tensor:
-        deltas = torch.stack([v[k] for v in vectors])
-        if density >= 1.0:
-            thr = [0.0] * len(vectors)
-        elif global_thr is not None:
-            thr = global_thr
-        else:
-            n = deltas[0].numel()
-            thr = [kth_largest_magnitude(d, _keep_count(n, density)) for d in deltas]
-        return ties_reference(deltas, thr, w, sign, lam)
+        trimmed = []
+        for i, v in enumerate(vectors):
+            x = v[k]
+            if density >= 1.0:
+                trimmed.append(x)
+                continue
+            if model_sel is not None:
+                sel, ties = model_sel[i], tie_budget[k][i]
+            else:
+                sel = _select([x], _keep_count(x.numel(), density))
+                ties = sel.ties_kept
+            trimmed.append(_trim_chunked(x, sel.threshold, ties)[0])
+        out = torch.empty(trimmed[0].shape, dtype=torch.float32)
+        flat_out, flats = out.reshape(-1), [t.reshape(-1) for t in trimmed]
+        for s in range(0, flat_out.numel(), CHUNK):
+            flat_out[s : s + CHUNK] = ties_combine(torch.stack([f[s : s + CHUNK] for f in flats]), w, sign, lam)
+        return out
 
     method = {"op": "ties", "density": density, "lambda": lam, "weights": w, "trim": trim, "sign": sign,
               "inputs": [v.method for v in vectors]}
-    if global_thr is not None:
-        method["thresholds"] = global_thr
+    if model_sel is not None:
+        method["thresholds"] = [s.threshold for s in model_sel]
     return TaskVector(dict(vectors[0].shapes), compute, vectors[0].base_model, method)
+
+
+def _tie_budgets(vectors: Sequence[TaskVector], sels: list[_Selection], keys: list[str]) -> dict[str, list[int]]:
+    """Per tensor and vector, how many entries equal to the threshold to keep (earliest tensors first).
+
+    Costs one more read pass (until the budget is spent) only for a vector whose k-th largest
+    magnitude occurs more often than k allows (common with bf16 checkpoints)."""
+    budgets = {k: [-1] * len(vectors) for k in keys}
+    for i, (v, sel) in enumerate(zip(vectors, sels, strict=True)):
+        if sel.ties_kept < 0:
+            continue
+        left = sel.ties_kept
+        for k in keys:
+            if left == 0:
+                budgets[k][i] = 0
+                continue
+            eq = sum(int((c.abs() == sel.threshold).sum()) for c in _chunks(v[k].float()))
+            budgets[k][i] = min(eq, left)
+            left -= budgets[k][i]
+    return budgets
 
 
 def _key_seed(seed: int, key: str) -> int:
