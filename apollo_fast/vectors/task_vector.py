@@ -307,7 +307,10 @@ def extract_task_vector(
             out = torch.zeros_like(wb)
             out[:r] = f.get(k)[:r].float() - wb[:r]
             return out
-        return f.get(k).float() - b.get(k).float()
+        out = f.get(k).float()
+        if out.data_ptr() == f.get(k).data_ptr():
+            out = out.clone()  # an fp32 model's own tensor: never modify it
+        return out.sub_(b.get(k))
 
     method = {"op": "extract", "finetuned": f.name, "vocab_policy": vocab_policy, "skipped_non_float": skipped}
     if vocab_rows:
