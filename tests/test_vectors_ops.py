@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import warnings
 
 import pytest
@@ -322,6 +324,9 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_safetensors(path, [("a", (1,), torch.float32), ("b", (1,), torch.float32)], produce)
     assert path.read_bytes() == before, "a failed write must not touch the existing file"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, "output keeps mkstemp's 0600 mode"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.safetensors"], "temporary file left behind"
 
 

@@ -56,6 +56,13 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _NAMED[name]
 
 
+def _default_mode(path: str) -> None:
+    """mkstemp creates 0600 files; give the output the permissions an ordinary open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
@@ -120,6 +127,7 @@ def write_safetensors(
             _write_stream(f, specs, produce, metadata, on_tensor)
             f.flush()
             os.fsync(f.fileno())
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -177,6 +185,7 @@ def _atomic_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -307,9 +307,10 @@ def extract_task_vector(
             out = torch.zeros_like(wb)
             out[:r] = f.get(k)[:r].float() - wb[:r]
             return out
-        out = f.get(k).float()
-        if out.data_ptr() == f.get(k).data_ptr():
-            out = out.clone()  # an fp32 model's own tensor: never modify it
+        w = f.get(k)
+        out = w.float()
+        if out.data_ptr() == w.data_ptr():
+            out = out.clone()  # already fp32 (e.g. a model's own parameter): never modify it in place
         return out.sub_(b.get(k))
 
     method = {"op": "extract", "finetuned": f.name, "vocab_policy": vocab_policy, "skipped_non_float": skipped}
