@@ -86,17 +86,56 @@ apply_to_checkpoint(base, out, [merged], [1.0], max_shard_bytes=2**30, check_bas
 """
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, return code) of a child process."""
+def _status_kib(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+                    key, value = line.split(":")
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict[str, float]:
+    """Wall seconds, peak RSS (wait4) and peak anonymous / file-backed RSS (sampled every 50 ms) of a child."""
+    import threading
+
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for k, v in _status_kib(proc.pid).items():
+                if k in peaks:
+                    peaks[k] = max(peaks[k], v)
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    err_chunks = []
+    reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
+    reader.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    done.set()
+    sampler.join()
+    reader.join()
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
+        err = b"".join(err_chunks).decode(errors="replace")
         print(f"command failed ({rc}): {' '.join(cmd)}\n{err[-3000:]}", file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, rc
+    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "peak_anon_mib": peaks["RssAnon"] / 1024,
+            "peak_file_mib": peaks["RssFile"] / 1024, "rc": rc}
+
+
+def _line(name: str, r: dict[str, float]) -> str:
+    return (f"{name:12s} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB "
+            f"(anonymous {r['peak_anon_mib']:7.0f}, file-backed {r['peak_file_mib']:7.0f})  rc {r['rc']}")
 
 
 def compare(a: Path, b: Path) -> dict[str, float]:
@@ -138,7 +177,7 @@ def main() -> None:
             write_random_checkpoint(work / name, cfg, seed, base_seed, noise=0.002)
     size = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
     print(f"checkpoints: 3 x {size / 1e9:.2f} GB ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), "
-          f"built in {time.perf_counter() - t0:.0f} s in {work}")
+          f"built in {time.perf_counter() - t0:.0f} s in {work}", flush=True)
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     results = {}
@@ -148,9 +187,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-c", OURS, str(work / "base"), str(work / "ft_a"), str(work / "ft_b"), str(out),
                str(args.density), trim, str(args.threads)]
-        wall, rss, rc = timed(cmd, env)
-        results[name] = {"seconds": wall, "peak_rss_mib": rss, "rc": rc}
-        print(f"{name:12s} {wall:8.1f} s  peak RSS {rss:8.0f} MiB  rc {rc}")
+        results[name] = timed(cmd, env)
+        print(_line(name, results[name]), flush=True)
 
     if args.mergekit and Path(args.mergekit).exists():
         cfg_yaml = work / "ties.yml"
@@ -161,10 +199,9 @@ def main() -> None:
         out = work / "out-mergekit"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [args.mergekit, str(cfg_yaml), str(out), "--lazy-unpickle", "--quiet", "-j", str(args.threads)]
-        wall, rss, rc = timed(cmd, dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-        results["mergekit"] = {"seconds": wall, "peak_rss_mib": rss, "rc": rc}
-        print(f"{'mergekit':12s} {wall:8.1f} s  peak RSS {rss:8.0f} MiB  rc {rc}")
-        if rc == 0:
+        results["mergekit"] = timed(cmd, dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        print(_line("mergekit", results["mergekit"]), flush=True)
+        if results["mergekit"]["rc"] == 0:
             results["agreement_ours_tensor_vs_mergekit"] = compare(work / "out-ours-tensor", out)
             print("agreement ours-tensor vs mergekit:", results["agreement_ours_tensor_vs_mergekit"])
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,12 +73,67 @@ class StateDictSource:
         return t.reshape(1) if t.dim() == 0 else t[:1]
 
 
+class _SafetensorsFile:
+    """One .safetensors file read with plain positioned reads (no mmap).
+
+    Reading into freshly allocated tensors keeps the process's resident memory at the tensors it
+    holds: mmap'ed pages of multi-GB checkpoints would otherwise count towards it as they are touched.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError(f"{path}: not a safetensors file (too short)")
+            n = struct.unpack("<Q", raw)[0]
+            if n > size - 8:
+                raise ValueError(f"{path}: not a safetensors file (header length {n} > file size)")
+            header = json.loads(f.read(n))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+        for key, e in header.items():
+            if e["dtype"] not in CODE_DTYPES:
+                raise TypeError(f"{path}: tensor {key!r} has unsupported dtype {e['dtype']}")
+            dtype, shape = CODE_DTYPES[e["dtype"]], tuple(int(x) for x in e["shape"])
+            start, end = (int(x) for x in e["data_offsets"])
+            numel = 1
+            for x in shape:
+                numel *= x
+            if end - start != numel * torch.empty((), dtype=dtype).element_size() or self.base + end > size:
+                raise ValueError(f"{path}: tensor {key!r} has inconsistent offsets {e['data_offsets']}")
+            self.entries[key] = (shape, dtype, start, end)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read(self, key: str, rows: int | None = None) -> torch.Tensor:
+        """The tensor, or only its first `rows` rows."""
+        shape, dtype, start, end = self.entries[key]
+        if rows is not None and len(shape) >= 1:
+            shape = (min(rows, shape[0]),) + shape[1:]
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel() == 0:
+            return out
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        pos, done = self.base + start, 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], pos + done)
+            if n <= 0:
+                raise OSError(f"{self.path}: unexpected end of file reading {key!r}")
+            done += n
+        return out
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
 class SafetensorsSource:
     """A .safetensors file, or a folder of them (sharded with model.safetensors.index.json, or not)."""
 
     def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no such checkpoint: {path}")
@@ -96,16 +152,15 @@ class SafetensorsSource:
                 raise FileNotFoundError(f"no .safetensors files in {path}")
         else:
             files = [path]
-        self._files = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
-        self._where: dict[str, Any] = {}
-        for handle in self._files.values():
-            for k in handle.keys():
+        self._where: dict[str, _SafetensorsFile] = {}
+        self.metadata: dict[str, str] = {}
+        for f in files:
+            handle = _SafetensorsFile(f)
+            self.metadata.update(handle.metadata)
+            for k in handle.entries:
                 if k in self._where:
                     raise ValueError(f"{path}: tensor {k!r} appears in more than one shard")
                 self._where[k] = handle
-        self.metadata: dict[str, str] = {}
-        for handle in self._files.values():
-            self.metadata.update(handle.metadata() or {})
         self.path = path
         self.name = name or str(self.config.get("_name_or_path") or "") or str(path)
 
@@ -113,20 +168,16 @@ class SafetensorsSource:
         return list(self._where.keys())
 
     def spec(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-        sl = self._where[key].get_slice(key)
-        code = sl.get_dtype()
-        if code not in CODE_DTYPES:
-            raise TypeError(f"{key}: unsupported safetensors dtype {code}")
-        return tuple(sl.get_shape()), CODE_DTYPES[code]
+        shape, dtype, _, _ = self._where[key].entries[key]
+        return shape, dtype
 
     def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
+        return self._where[key].read(key)
 
     def head(self, key: str) -> torch.Tensor:
-        sl = self._where[key].get_slice(key)
-        if len(sl.get_shape()) == 0:
-            return self.get(key).reshape(1)
-        return sl[:1]
+        """The first row (first element of a 0-dim tensor), for fingerprints."""
+        t = self._where[key].read(key, rows=1)
+        return t.reshape(1) if t.dim() == 0 else t
 
 
 def open_source(obj: Any, name: str | None = None) -> TensorSource:
