@@ -165,6 +165,9 @@ def main() -> None:
     ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path to mergekit-yaml")
     ap.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp folder)")
     ap.add_argument("--skip-model-trim", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true", help="reuse existing out-ours-* folders (mergekit only)")
+    ap.add_argument("--mergekit-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="mergekit's compute dtype (`dtype:`); the output is bf16 either way (default bfloat16)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -182,6 +185,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     results = {}
     runs = [("ours-tensor", "tensor")] + ([] if args.skip_model_trim else [("ours-model", "model")])
+    runs = [] if args.skip_ours else runs
     for name, trim in runs:
         out = work / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
@@ -195,12 +199,14 @@ def main() -> None:
         models = "\n".join(f"  - model: {work / n}\n    parameters:\n      density: {args.density}\n      weight: 1.0"
                            for n in ("ft_a", "ft_b"))
         cfg_yaml.write_text(f"merge_method: ties\nbase_model: {work / 'base'}\nmodels:\n{models}\n"
-                            "parameters:\n  normalize: true\n  int8_mask: false\ndtype: bfloat16\n")
+                            "parameters:\n  normalize: true\n  int8_mask: false\n"
+                            f"dtype: {args.mergekit_dtype}\nout_dtype: bfloat16\n")
         out = work / "out-mergekit"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [args.mergekit, str(cfg_yaml), str(out), "--lazy-unpickle", "--quiet", "-j", str(args.threads)]
         results["mergekit"] = timed(cmd, dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
-        print(_line("mergekit", results["mergekit"]), flush=True)
+        results["mergekit"]["dtype"] = args.mergekit_dtype
+        print(_line(f"mergekit ({args.mergekit_dtype})", results["mergekit"]), flush=True)
         if results["mergekit"]["rc"] == 0:
             results["agreement_ours_tensor_vs_mergekit"] = compare(work / "out-ours-tensor", out)
             print("agreement ours-tensor vs mergekit:", results["agreement_ours_tensor_vs_mergekit"])

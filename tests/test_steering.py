@@ -123,7 +123,11 @@ def test_steer_is_exact_and_leaves_model_untouched(random_model):
     assert torch.equal(ref, after), "model output differs after the context manager"
 
 
-def test_steer_applies_to_tokens_generated_with_kv_cache(random_model):
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def test_steer_applies_to_tokens_generated_with_kv_cache(random_model, arch):
+    # qwen3_5 with 4 layers: 3 Gated-DeltaNet layers (recurrent-state cache) + 1 attention layer
+    if arch == "qwen3_5":
+        random_model = tiny_causal_lm(arch="qwen3_5", layers=4, seed=3).eval()
     sv = extract_steering_vector(random_model, _ragged_pairs())
     prompt = torch.randint(0, 64, (1, 5))
     with torch.no_grad(), steer(random_model, sv, 3.0):
