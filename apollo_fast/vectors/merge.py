@@ -221,8 +221,9 @@ def ties_merge(
 
     trim='tensor' keeps the top `density` of each tensor instead (as mergekit does); sign='count'
     elects by majority vote. With trim='model' the thresholds are computed here (two read passes
-    over every vector) and the merged tensors are computed on access in tensor order (ties at the
-    threshold are given out in key order, so access them in order, e.g. by saving or applying).
+    over every vector, plus one more, stopped early, for a vector whose threshold magnitude is tied
+    beyond what k allows: those ties go to the earliest tensors in key order); the merged tensors
+    are then computed on access, in any order.
     """
     vectors = list(vectors)
     if not vectors:

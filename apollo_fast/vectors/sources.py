@@ -118,7 +118,12 @@ class _SafetensorsFile:
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
         pos, done = self.base + start, 0
         while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], pos + done)
+            if hasattr(os, "preadv"):
+                n = os.preadv(self._fd, [buf[done:]], pos + done)
+            else:  # no preadv (e.g. Windows): read, then copy
+                data = os.pread(self._fd, min(len(buf) - done, 1 << 28), pos + done)
+                n = len(data)
+                buf[done : done + n] = data
             if n <= 0:
                 raise OSError(f"{self.path}: unexpected end of file reading {key!r}")
             done += n
