@@ -53,7 +53,7 @@ def _finish(args: argparse.Namespace, title: str, out: Path, stats: _Stats, t0: 
         ("tensors", f"{stats.tensors:,}"),
         ("elements", f"{stats.elements:,}"),
         ("non-zero", f"{100.0 * stats.nonzero / max(1, stats.elements):.2f} %"),
-        ("L2 norm", f"{stats.sq ** 0.5:.6g}"),
+        ("L2 norm of the output", f"{stats.sq ** 0.5:.6g}"),
         ("size on disk", f"{size / 2**20:,.1f} MiB"),
         ("seconds", f"{time.perf_counter() - t0:.2f}"),
         ("peak RSS", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"),
