@@ -14,6 +14,8 @@ import sys
 COMMANDS = [
     "apollo_fast.demo",
     "apollo_fast.training.train_cli",
+    "apollo_fast.vectors.cli",
+    "apollo_fast.steering.cli",
 ]
 
 
