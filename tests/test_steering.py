@@ -221,3 +221,29 @@ def test_bake_context_goes_through_pluggable_forward(random_model):
     assert r.kl_before > 0 and r.steps == 3
     with pytest.raises(ValueError, match="steps"):
         bake_steering(model, sv, [[1]], steps=-1)
+
+
+def test_bake_with_context_trains_through_the_frozen_context_step(random_model, monkeypatch):
+    """With a context and no segment_forward, the student runs the frozen-context step: its logits equal
+    the full sequence's (so KL before is the same), the context gets no gradient path, and KL falls."""
+    from apollo_fast.steering import bake as bake_mod
+
+    model = copy.deepcopy(random_model)
+    sv = extract_steering_vector(model, _ragged_pairs())
+    ctx = [1, 2, 3, 4, 5, 6]
+    used = []
+    real = bake_mod.frozen_context_forward
+
+    def spy(m, context, ids, mask):
+        used.append(tuple(ids.shape))
+        out = real(m, context, ids, mask)
+        with torch.no_grad():
+            ref = full_sequence_forward(m, context, ids, mask)
+        real_rows = mask.bool()
+        assert torch.allclose(out[real_rows], ref[real_rows], atol=1e-4), "frozen logits differ from full sequence"
+        return out
+
+    monkeypatch.setattr(bake_mod, "frozen_context_forward", spy)
+    r = bake_steering(model, sv, [[5, 6, 7], [8, 9, 10]], coefficient=3.0, steps=15, lr=1e-2, batch_size=2, context=ctx)
+    assert len(used) == 15 + 2
+    assert r.kl_after < r.kl_before, f"KL {r.kl_before:.4f} -> {r.kl_after:.4f}"

@@ -1,8 +1,8 @@
 """Bake a steering vector into the weights: train the un-steered model (APOLLO) to match the steered
 model's next-token distributions on a prompt set, minimising KL(steered || model).
 
-The student's forward is pluggable (`segment_forward`), so a frozen-context step (context run once
-without gradients, only the segment trained) can replace the default full-sequence forward.
+With a shared context, the student trains through the frozen-context step by default (the context
+encoded without gradients, only the prompt segment trained); `segment_forward` can replace it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from .pairs import encode, pad_batch
 from .vector import SteeringVector
 from .verify import verify_steering
 
-__all__ = ["bake_steering", "BakeReport", "SegmentForward", "full_sequence_forward", "kl_divergence"]
+__all__ = [
+    "bake_steering",
+    "BakeReport",
+    "SegmentForward",
+    "frozen_context_forward",
+    "full_sequence_forward",
+    "kl_divergence",
+]
 
 
 class SegmentForward(Protocol):
@@ -44,6 +51,18 @@ def full_sequence_forward(model: nn.Module, context: torch.Tensor | None, ids: t
     full_ids = torch.cat([c, ids], 1)
     full_mask = torch.cat([torch.ones_like(c), mask], 1)
     return model(input_ids=full_ids, attention_mask=full_mask, use_cache=False).logits[:, c.shape[1]:]
+
+
+def frozen_context_forward(model: nn.Module, context: torch.Tensor | None, ids: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+    """The frozen-context step: the context encoded under no_grad with the current weights, only the
+    segment differentiated (apollo_fast.frozen; Llama/Qwen3/Qwen3.5/Qwen3-Next). Right-padded `mask`."""
+    if context is None or context.numel() == 0:
+        return full_sequence_forward(model, context, ids, mask)
+    from ..frozen import encode_context, segment_logits
+
+    frozen = encode_context(model, context.to(ids.device).unsqueeze(0))
+    return segment_logits(model, frozen, ids, attention_mask=mask)
 
 
 def kl_divergence(teacher_logp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -130,8 +149,9 @@ def bake_steering(
 
     prompts: token-id lists or strings (with `tokenizer`); every position of every prompt is a
     target. context: optional shared prefix (ids or string) before every prompt; the teacher sees
-    it steered, the student through `segment_forward` (default: the full sequence; pass a
-    frozen-context step to train only the segment). The optimizer is APOLLO on
+    it steered (full sequence), the student through `segment_forward` (default with a context:
+    `frozen_context_forward`, which trains only the segment; `full_sequence_forward` trains through
+    the context too and serves models the frozen-context step does not support). The optimizer is APOLLO on
     `apollo_param_groups(model)` (rank `rank`, learning rate `lr`) unless `optimizer_factory` is given.
     The KL is measured on `eval_prompts` (default: the training prompts).
     """
@@ -151,7 +171,7 @@ def bake_steering(
     if context is not None:
         ctx = torch.as_tensor(encode(context, tokenizer, special=isinstance(context, str), vocab_size=vocab),
                               dtype=torch.int64)
-    forward = segment_forward or full_sequence_forward
+    forward = segment_forward or (frozen_context_forward if ctx is not None else full_sequence_forward)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     random.Random(seed).shuffle(train)
     train_b, eval_b = _batches(train, batch_size, pad_id), _batches(evals, batch_size, pad_id)
