@@ -7,6 +7,11 @@ import torch
 from gdn_common import make_inputs, per_head_rel_err, poison_outputs
 from helpers import assert_close
 
+# d A_log, d dt_bias per head, fp32 inputs: the issue's target. These sums cancel (A up to 16), so the
+# per-head relative error of a sum near zero is large even when every term is exact to fp32: measured up
+# to 1e-4 over 40 random draws on the CPU.
+PARAM_RTOL = 1e-3
+
 from apollo_fast.gdn import gate
 from apollo_fast.gdn.reference import gate_ref
 
@@ -53,14 +58,16 @@ def test_gate_fp32_matches_fp64(monkeypatch, B, T, Hv, max_programs):
         assert_close(name, ref[name], out[name], 1e-6)
     for name in ("dA_log", "ddt_bias"):
         err = per_head_rel_err(ref[name], out[name])
-        assert err <= 1e-5, f"{name}: per-head relative error {err:.2e} > 1e-5"
+        assert err <= PARAM_RTOL, f"{name}: per-head relative error {err:.2e} > {PARAM_RTOL:.0e}"
     assert out["g"].dtype == torch.float32 and out["beta"].dtype == torch.float32
 
 
 def test_gate_bf16_params_and_inputs_and_determinism():
     """bf16 a, b, A_log, dt_bias (a model after .to(bfloat16)): gradients keep each dtype; bitwise repeatable.
 
-    The CPU interpreter truncates fp32 -> bf16 (GPU Triton rounds to nearest), hence 4e-3, not 2e-3.
+    One bf16 rounding of each result is up to 2^-8 = 3.9e-3 relative; the CPU interpreter truncates
+    fp32 -> bf16 (GPU Triton rounds to nearest), which biases the error: measured up to 4.4e-3 over 40
+    seeds, hence 6e-3.
     """
     a, b = _fused_views(2, 33, 4, torch.bfloat16, seed=7)
     x = make_inputs(1, 1, 1, 4, 1, 1, seed=7)
@@ -71,8 +78,8 @@ def test_gate_bf16_params_and_inputs_and_determinism():
     assert out["beta"].dtype == torch.bfloat16 and out["da"].dtype == torch.bfloat16
     assert out["dA_log"].dtype == torch.bfloat16 and out["ddt_bias"].dtype == torch.bfloat16
     assert_close("g", ref["g"], out["g"], 1e-6)  # fp32 math on bf16-exact inputs
-    for name in ("beta", "da", "db", "dA_log", "ddt_bias"):  # one bf16 rounding of the result: 2^-8
-        assert_close(name, ref[name], out[name], 4e-3)
+    for name in ("beta", "da", "db", "dA_log", "ddt_bias"):  # one bf16 rounding of the result
+        assert_close(name, ref[name], out[name], 6e-3)
     again = _gate_grads(a, b, A_log, dt_bias, gate, dg, dbeta)
     for name, t in out.items():
         assert torch.equal(t, again[name]), f"{name}: two runs differ"
@@ -81,7 +88,7 @@ def test_gate_bf16_params_and_inputs_and_determinism():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_gate_qwen_size(dtype):
-    """B=8, T=2048, Hv=48 from a fused projection view; fp32: per-head 1e-5 on the parameter sums."""
+    """B=8, T=2048, Hv=48 from a fused projection view; fp32: per-head PARAM_RTOL on the parameter sums."""
     a, b = _fused_views(8, 2048, 48, dtype, seed=3)
     x = make_inputs(1, 1, 1, 48, 1, 1, seed=3)
     A_log, dt_bias = x["A_log"].to(DEVICE, dtype), x["dt_bias"].to(DEVICE, dtype)
@@ -93,7 +100,7 @@ def test_gpu_gate_qwen_size(dtype):
             assert_close(name, ref[name], out[name], 1e-6)
         for name in ("dA_log", "ddt_bias"):
             err = per_head_rel_err(ref[name], out[name])
-            assert err <= 1e-5, f"{name}: per-head relative error {err:.2e} > 1e-5"
+            assert err <= PARAM_RTOL, f"{name}: per-head relative error {err:.2e} > {PARAM_RTOL:.0e}"
     else:  # one bf16 rounding of each result (round to nearest on the GPU)
         for name in ("beta", "da", "db", "dA_log", "ddt_bias"):
             assert_close(name, ref[name], out[name], 3e-3)

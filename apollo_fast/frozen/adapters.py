@@ -24,6 +24,17 @@ SUPPORTED_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+def rotary_cos_sin(rotary: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [1, T, R] of the model's own rotary module at positions [1, T].
+
+    Qwen3.5's text rotary (multimodal RoPE, `mrope_section`) takes position ids per section,
+    [3, B, T]: transformers 5.24 expands [B, T] itself, 5.17 requires the expanded form, which both accept.
+    """
+    if hasattr(rotary, "mrope_section"):
+        positions = positions.unsqueeze(0).expand(3, -1, -1)
+    return rotary(h, positions)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE (rotate-half convention) on the first cos.shape[-1] dims of x [B, H, T, D]; cos/sin [B|1, T, R]."""
     r = cos.shape[-1]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import AttentionAdapter, GDNAdapter, ModelParts
+from .adapters import AttentionAdapter, GDNAdapter, ModelParts, rotary_cos_sin
 from .gdn_ops import causal_conv_with_prefix, delta_rule, gdn_gate
 
 __all__ = ["run_layers", "attend_after_context"]
@@ -117,7 +117,7 @@ def run_layers(
     rope = None
     if parts.rotary is not None and any(isinstance(m, AttentionAdapter) for m in parts.mixers):
         pos = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        rope = parts.rotary(h, pos)
+        rope = rotary_cos_sin(parts.rotary, h, pos)
     new_states: list[Any] | None = [] if want_states else None
     for i, (layer, mixer) in enumerate(zip(parts.layers, parts.mixers, strict=True)):
         state = None if states is None else states[i]

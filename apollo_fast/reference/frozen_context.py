@@ -112,6 +112,8 @@ def frozen_context_logits_ref(
     ids = torch.cat((context_ids.expand(segment_ids.shape[0], -1), segment_ids), dim=1)
     h = base.embed_tokens(ids)
     pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    if hasattr(base.rotary_emb, "mrope_section"):  # Qwen3.5: per-section ids [3, B, T] (required by transformers 5.17)
+        pos = pos.unsqueeze(0).expand(3, -1, -1)
     cos, sin = base.rotary_emb(h, pos)
     for layer in base.layers:
         x = layer.input_layernorm(h)
