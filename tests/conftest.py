@@ -18,7 +18,6 @@ if not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/nvidiactl"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 _SEED_SHIFT = int(os.environ.get("APOLLO_FAST_TEST_SEED", "0"))
 
 
