@@ -7,15 +7,15 @@ import torch
 from gdn_common import make_inputs, per_head_rel_err, poison_outputs
 from helpers import assert_close
 
-# d A_log, d dt_bias per head, fp32 inputs: the target. These sums cancel (A up to 16), so the
-# per-head relative error of a sum near zero is large even when every term is exact to fp32: measured up
-# to 1e-4 over 40 random draws on the CPU.
-PARAM_RTOL = 1e-3
-
 from apollo_fast.gdn import gate
 from apollo_fast.gdn.reference import gate_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# d A_log, d dt_bias per head, fp32 inputs: the target. These sums cancel (A up to 16), so the
+# per-head relative error of a sum near zero is large even when every term is exact to fp32: measured up
+# to 1e-4 over 40 random draws on the CPU.
+PARAM_RTOL = 1e-3
 
 
 @pytest.fixture(autouse=True)
