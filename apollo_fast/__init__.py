@@ -4,7 +4,10 @@ Public API:
     APOLLO                 the optimizer (APOLLO for matrices, AdamW for the rest); APOLLO.mini
     apollo_param_groups    param groups from a model (which matrices get APOLLO)
     NonFiniteGradientError raised by APOLLO on inf/NaN gradients (nonfinite='raise')
-    encode_context, segment_loss, FrozenContextTrainer   frozen-context training (apollo_fast.frozen)
+    encode_context, segment_loss, FrozenContextTrainer, FrozenContext
+                           frozen-context training (apollo_fast.frozen)
+Subpackages: apollo_fast.gdn (GDN kernels), apollo_fast.vectors (task vectors),
+apollo_fast.steering (steering vectors), apollo_fast.reference (the fp32 specification).
 """
 
 from .frozen import FrozenContext, FrozenContextTrainer, encode_context, segment_loss
@@ -13,5 +16,13 @@ from .param_groups import apollo_param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["APOLLO", "NonFiniteGradientError", "apollo_param_groups", "__version__"]
-__all__ += ["FrozenContext", "FrozenContextTrainer", "encode_context", "segment_loss"]
+__all__ = [
+    "APOLLO",
+    "FrozenContext",
+    "FrozenContextTrainer",
+    "NonFiniteGradientError",
+    "apollo_param_groups",
+    "encode_context",
+    "segment_loss",
+    "__version__",
+]
