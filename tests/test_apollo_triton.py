@@ -18,10 +18,10 @@ import os
 
 import pytest
 import torch
+from helpers import assert_close
 
 from apollo_fast import APOLLO, NonFiniteGradientError
 from apollo_fast.reference.philox import philox4x32, philox_projection, projection_key
-from tests.helpers import assert_close
 
 GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if GPU else "cpu")
