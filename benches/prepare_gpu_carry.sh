@@ -11,5 +11,5 @@ get .whl apollo-torch==1.0.3
 # fla apart: with fla importable, transformers sends Qwen3.5/Qwen3-Next GDN layers to it, and its
 # backward refuses Hopper with Triton 3.6, so only bench_gdn (the fla baseline) sees it.
 get .whl/fla fla-core==0.6.0 flash-linear-attention==0.6.0
-python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl .
+python3 -m pip wheel -q --no-deps -w .whl .
 ls -laR .whl
