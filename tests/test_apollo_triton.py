@@ -451,3 +451,31 @@ def test_gpu_cuda_graph_capture_and_sync_debug():
         graph.replay()
     torch.cuda.synchronize()
     _compare(eager, (ps, w0, opt), 1e-5, 1e-5, as_update=True)
+
+
+def test_changing_group_options_between_steps_and_adding_a_group():
+    """A scheduler changing lr, a group's weight decay / alpha edited mid-run, a parameter without grad on
+    some steps, and add_param_group after the first step: triton must follow every change like the reference."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        ps = _params(SMALL[:2], torch.float32)
+        extra = _params([(6, 4)], torch.float32, seed=9)
+        opt = APOLLO(ps, backend=backend, lr=1e-2, rank=3, update_proj_gap=2, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        for t in range(5):
+            _grads(ps, t)
+            if t == 2:
+                opt.param_groups[0]["weight_decay"] = 0.2
+                opt.param_groups[0]["alpha"] = 2.0
+                ps[1].grad = None  # not updated this step
+                opt.add_param_group({"params": extra, "rank": 2, "scale_type": "tensor"})
+            if t >= 2:
+                _grads(extra, t, seed=11)
+            opt.step()
+            sched.step()
+        runs[backend] = (ps + extra, opt)
+    (pr, optr), (po, opto) = runs["reference"], runs["triton"]
+    for i, (a, b) in enumerate(zip(pr, po, strict=True)):
+        assert_close(f"param[{i}] after option changes", a.detach(), b.detach(), 1e-5)
+        assert float(optr.state[a]["step"]) == float(opto.state[b]["step"]), f"param[{i}] step count"
