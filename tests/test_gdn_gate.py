@@ -14,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # d A_log = sum_{b,t} dg g and d dt_bias = sum_{b,t} da per head, fp32 inputs: the target.
 # These sums cancel (random dg), so their per-head relative error is unbounded: a head whose sum lands
-# near zero reached 8.9e-4 in 150 draws (heavy tail; the old 1e-3 bound failed now and then). The error
+# near zero reached 8.9e-4 in 150 draws (heavy tail, against the old 1e-3 bound). The error
 # is measured against sum |terms| instead (per_head_sum_err): each term carries a few fp32 eps and the
 # Kahan-compensated partials add no error that grows with B*T; measured max 1.2e-7 over 300 CPU draws
 # (fresh dg/dbeta and fresh a/b), bound ~8x that. A dropped or doubled token term moves the sum by
