@@ -62,6 +62,18 @@ def per_head_rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((out64 - ref64).abs() / ref64.abs().clamp_min(1e-30)).max().item()
 
 
+def per_head_sum_err(ref: torch.Tensor, out: torch.Tensor, abs_terms: torch.Tensor) -> float:
+    """max over heads of |out - ref| / sum_i |term_i| for a per-head sum ref = sum_i term_i (inf on NaN).
+
+    The condition-aware metric for a reduction: a sum that cancels to near zero has no small relative
+    error even when every term is exact to fp32, but its error stays a few eps times sum |terms|.
+    """
+    ref64, out64, scale = ref.double().cpu(), out.double().cpu(), abs_terms.double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return ((out64 - ref64).abs() / scale.clamp_min(1e-30)).max().item()
+
+
 def poison_outputs(monkeypatch) -> None:
     """Every buffer the GDN launchers allocate starts as NaN, so an element a kernel does not write fails."""
     from apollo_fast.kernels import gdn_delta_rule, gdn_gate

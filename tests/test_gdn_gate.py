@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gdn_common import make_inputs, per_head_rel_err, poison_outputs
+from gdn_common import make_inputs, per_head_sum_err, poison_outputs
 from helpers import assert_close
 
 from apollo_fast.gdn import gate
@@ -12,10 +12,14 @@ from apollo_fast.gdn.reference import gate_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# d A_log, d dt_bias per head, fp32 inputs: the issue's target. These sums cancel (A up to 16), so the
-# per-head relative error of a sum near zero is large even when every term is exact to fp32: measured up
-# to 1e-4 over 40 random draws on the CPU.
-PARAM_RTOL = 1e-3
+# d A_log = sum_{b,t} dg g and d dt_bias = sum_{b,t} da per head, fp32 inputs: the issue's target.
+# These sums cancel (random dg), so their per-head relative error is unbounded: a head whose sum lands
+# near zero reached 8.9e-4 in 150 draws (heavy tail, against the old 1e-3 bound). The error
+# is measured against sum |terms| instead (per_head_sum_err): each term carries a few fp32 eps and the
+# Kahan-compensated partials add no error that grows with B*T; measured max 1.2e-7 over 300 CPU draws
+# (fresh dg/dbeta and fresh a/b), bound ~8x that. A dropped or doubled token term moves the sum by
+# ~1/(B*T) of the scale (>= 6e-5 even at the GPU size), far above the bound.
+PARAM_TOL = 1e-6
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +33,15 @@ def _gate_grads(a, b, A_log, dt_bias, fn, dg, dbeta):
     torch.autograd.backward((g, beta), (dg.to(g.dtype), dbeta.to(beta.dtype)))
     return dict(g=g.detach(), beta=beta.detach(), da=ts[0].grad, db=ts[1].grad, dA_log=ts[2].grad,
                 ddt_bias=ts[3].grad)
+
+
+def _assert_param_sums(ref, out, dg):
+    """d A_log, d dt_bias against sum |dg g| and sum |da| per head (the fp64 terms of each sum)."""
+    abs_terms = dict(dA_log=(dg.double().cpu() * ref["g"].cpu()).abs().sum((0, 1)),
+                     ddt_bias=ref["da"].cpu().abs().sum((0, 1)))
+    for name, scale in abs_terms.items():
+        err = per_head_sum_err(ref[name], out[name], scale)
+        assert err <= PARAM_TOL, f"{name}: per-head error / sum|terms| {err:.2e} > {PARAM_TOL:.0e}"
 
 
 def _fused_views(B, T, Hv, dtype, seed):
@@ -56,9 +69,7 @@ def test_gate_fp32_matches_fp64(monkeypatch, B, T, Hv, max_programs):
     out = _gate_grads(a, b, A_log, dt_bias, gate, dg, dbeta)
     for name in ("g", "beta", "da", "db"):
         assert_close(name, ref[name], out[name], 1e-6)
-    for name in ("dA_log", "ddt_bias"):
-        err = per_head_rel_err(ref[name], out[name])
-        assert err <= PARAM_RTOL, f"{name}: per-head relative error {err:.2e} > {PARAM_RTOL:.0e}"
+    _assert_param_sums(ref, out, dg)
     assert out["g"].dtype == torch.float32 and out["beta"].dtype == torch.float32
 
 
@@ -88,7 +99,7 @@ def test_gate_bf16_params_and_inputs_and_determinism():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_gate_qwen_size(dtype):
-    """B=8, T=2048, Hv=48 from a fused projection view; fp32: per-head PARAM_RTOL on the parameter sums."""
+    """B=8, T=2048, Hv=48 from a fused projection view; fp32: per-head PARAM_TOL on the parameter sums."""
     a, b = _fused_views(8, 2048, 48, dtype, seed=3)
     x = make_inputs(1, 1, 1, 48, 1, 1, seed=3)
     A_log, dt_bias = x["A_log"].to(DEVICE, dtype), x["dt_bias"].to(DEVICE, dtype)
@@ -98,9 +109,7 @@ def test_gpu_gate_qwen_size(dtype):
     if dtype == torch.float32:
         for name in ("g", "beta", "da", "db"):
             assert_close(name, ref[name], out[name], 1e-6)
-        for name in ("dA_log", "ddt_bias"):
-            err = per_head_rel_err(ref[name], out[name])
-            assert err <= PARAM_RTOL, f"{name}: per-head relative error {err:.2e} > {PARAM_RTOL:.0e}"
+        _assert_param_sums(ref, out, dg)
     else:  # one bf16 rounding of each result (round to nearest on the GPU)
         for name in ("beta", "da", "db", "dA_log", "ddt_bias"):
             assert_close(name, ref[name], out[name], 3e-3)
