@@ -34,11 +34,12 @@ from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-import apollo_fast  # noqa: E402
-from apollo_fast.frozen import encode_context, segment_loss  # noqa: E402
-from apollo_fast.frozen.gdn_ops import fast_gdn_module  # noqa: E402
+# apollo_fast comes from the installed package (pip install -e . here; the wheel on the GPU machine): the source
+# folder must not be put first on sys.path, since its apollo_fast has no `kernels` subpackage (setup.py maps the
+# top-level kernels/ folder to apollo_fast.kernels only when installing), so the GDN kernels would fail to import.
+import apollo_fast
+from apollo_fast.frozen import encode_context, segment_loss
+from apollo_fast.frozen.gdn_ops import fast_gdn_module
 
 GIB = 2**30
 
