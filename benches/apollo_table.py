@@ -258,6 +258,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        if "error" in r:  # a row that failed is reported, not dropped
+            lines.append(f"| {r['set']} | {r['dtype']} | {r['impl']} | failed: {r['error'][:80]} |||||||")
+            continue
         refresh = f"{r['refresh_median_ms']:.2f}" if "refresh_median_ms" in r else "-"
         lines.append(
             f"| {r['set']} | {r['dtype']} | {r['impl']} | {r['median_ms']:.2f} | {r['min_ms']:.2f}..{r['max_ms']:.2f}"
@@ -312,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if "graph" in impl and dev.type != "cuda":
                     continue
-                row = bench_row(impl, shapes, dtype, dev, args, official_cls)
+                try:  # one failing row (e.g. out of memory) must not lose the others
+                    row = bench_row(impl, shapes, dtype, dev, args, official_cls)
+                except Exception as err:  # noqa: BLE001 - recorded in the table
+                    rows.append(dict(impl=impl, set=set_name, dtype=tag, numel=numel, error=repr(err)))
+                    print(f"{set_name} {tag} {impl}: FAILED {err!r}", flush=True)
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 row.update(set=set_name, dtype=tag, numel=numel)
                 row["GBps"] = min_bytes / row["median_ms"] / 1e6
                 row["pct_copy"] = 100.0 * row["GBps"] / meta["copy_GBps"]
