@@ -13,7 +13,7 @@ import torch
 
 from .io import atomic_dir, write_sharded
 from .sources import SafetensorsSource, model_identity
-from .task_vector import TaskVector, _listing
+from .task_vector import TaskVector, _apply_arguments, _listing
 
 __all__ = ["apply_to_checkpoint"]
 
@@ -40,12 +40,7 @@ def apply_to_checkpoint(
     """
     base = Path(base)
     src = SafetensorsSource(base)
-    vectors = list(vectors)
-    coefficients = [1.0] * len(vectors) if coefficients is None else [float(c) for c in coefficients]
-    if len(coefficients) != len(vectors):
-        raise ValueError(f"{len(coefficients)} coefficients for {len(vectors)} vectors")
-    if check_base not in ("warn", "error", "ignore"):
-        raise ValueError(f"check_base must be 'warn', 'error' or 'ignore', got {check_base!r}")
+    vectors, coefficients = _apply_arguments(vectors, coefficients, check_base)
     keys = src.keys()
     specs = {k: src.spec(k) for k in keys}
     problems = []

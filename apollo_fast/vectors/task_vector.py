@@ -329,6 +329,19 @@ def _unique_storage(sd: dict[str, torch.Tensor]) -> dict[str, str]:
     return owner
 
 
+def _apply_arguments(
+    vectors: Sequence[TaskVector], coefficients: Sequence[float] | None, check_base: str
+) -> tuple[list[TaskVector], list[float]]:
+    """Validated (vectors, coefficients) of an apply call; coefficients default to 1."""
+    vectors = list(vectors)
+    coefficients = [1.0] * len(vectors) if coefficients is None else [float(c) for c in coefficients]
+    if len(coefficients) != len(vectors):
+        raise ValueError(f"{len(coefficients)} coefficients for {len(vectors)} vectors")
+    if check_base not in ("warn", "error", "ignore"):
+        raise ValueError(f"check_base must be 'warn', 'error' or 'ignore', got {check_base!r}")
+    return vectors, coefficients
+
+
 @torch.no_grad()
 def apply_task_vectors(
     model: nn.Module,
@@ -343,12 +356,7 @@ def apply_task_vectors(
     the first name. `check_base`: 'warn' | 'error' | 'ignore' when the model's fingerprint differs
     from the vectors' base model (applying to a sibling fine-tune is legitimate, hence 'warn').
     """
-    vectors = list(vectors)
-    coefficients = [1.0] * len(vectors) if coefficients is None else [float(c) for c in coefficients]
-    if len(coefficients) != len(vectors):
-        raise ValueError(f"{len(coefficients)} coefficients for {len(vectors)} vectors")
-    if check_base not in ("warn", "error", "ignore"):
-        raise ValueError(f"check_base must be 'warn', 'error' or 'ignore', got {check_base!r}")
+    vectors, coefficients = _apply_arguments(vectors, coefficients, check_base)
     if not vectors:
         return model
     sd = model.state_dict(keep_vars=True)
