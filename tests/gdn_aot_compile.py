@@ -21,7 +21,7 @@ except ImportError as err:
     print(f"cannot compile ahead of time with triton {triton.__version__}: {err}")
     sys.exit(3)
 
-from apollo_fast.kernels import gdn_delta_rule, gdn_gate  # noqa: E402
+from apollo_fast.kernels import gdn_chunk, gdn_delta_rule, gdn_gate  # noqa: E402
 
 P = lambda dt: "*" + dt
 C = "constexpr"
@@ -51,7 +51,19 @@ def main() -> int:
                     da=P("bf16"), db=P("bf16"), dA_part=P("fp32"), dbias_part=P("fp32"), R="i32", T="i32",
                     rows_per_prog="i32", **{f"s{x}_{y}": "i32" for x in "abgd" for y in "bth"},
                     HV=C, BLOCK_R=C, BLOCK_H=C)
+    chunk_shapes = dict(HK=16, HV=48, K=128, V=128, BT=64, BK=128, BV=64)
+    chunk_fwd = {n: t for n, t in fwd.items() if n not in ("ckpt_every", *shapes)}
+    chunk_fwd.update({n: C for n in chunk_shapes}, DOT_PREC=C)
+    chunk_bwd = {n: t for n, t in bwd.items() if n not in ("scratch", "ckpt_every", *shapes)}
+    chunk_bwd.update({n: C for n in chunk_shapes}, DOT_PREC=C)
+    chunk_bwd32 = dict(chunk_bwd, q=P("fp32"), k=P("fp32"), v=P("fp32"), beta=P("fp32"), do=P("fp32"), dv=P("fp32"))
     try:
+        # the chunked kernels are slow to compile: one of each, covering both dot precisions
+        compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
+                    dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True,
+                         DOT_PREC="tf32"))
+        compile_one(gdn_chunk._chunk_delta_rule_bwd_kernel, chunk_bwd32,
+                    dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32x3"))
         compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,
                     dict(shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True))
         compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,

@@ -9,39 +9,47 @@ from .reference import L2NORM_EPS, segment_delta_rule_ref
 
 __all__ = ["segment_delta_rule"]
 
+ALGORITHMS = ("auto", "chunk", "recurrent")
+CHUNK_SIZE = 64  # tokens per chunk of the WY form (tl.dot needs >= 16)
+CHUNK_MIN_LEN = 16  # 'auto' runs shorter segments token by token: a chunk would be mostly padding
+
 
 class _SegmentDeltaRuleFunction(torch.autograd.Function):
+    """algo 'recurrent' (block = checkpoint interval in tokens) or 'chunk' (block = chunk size)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, l2norm, output_final_state, ckpt_every,
-                save):
-        from apollo_fast.kernels.gdn_delta_rule import segment_delta_rule_fwd
+    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, l2norm, output_final_state, algo,
+                block, save):
+        from apollo_fast.kernels import gdn_chunk, gdn_delta_rule
 
         q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
         g = g.float().contiguous()
-        o, ht, ckpt = segment_delta_rule_fwd(
-            q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, L2NORM_EPS, l2norm,
-            output_final_state, save, ckpt_every,
+        fwd = gdn_chunk.chunk_delta_rule_fwd if algo == "chunk" else gdn_delta_rule.segment_delta_rule_fwd
+        o, ht, ckpt = fwd(
+            q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, L2NORM_EPS, l2norm, output_final_state, save,
+            block,
         )
         ctx.save_for_backward(q, k, v, g, beta, ckpt, cu_seqlens)
-        ctx.meta = (n_seq, scale, l2norm, ckpt_every)
+        ctx.meta = (n_seq, scale, l2norm, algo, block)
         if ht is None:
             return o
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht=None):
-        from apollo_fast.kernels.gdn_delta_rule import segment_delta_rule_bwd
+        from apollo_fast.kernels import gdn_chunk, gdn_delta_rule
 
         q, k, v, g, beta, ckpt, cu_seqlens = ctx.saved_tensors
-        n_seq, scale, l2norm, ckpt_every = ctx.meta
+        n_seq, scale, l2norm, algo, block = ctx.meta
         B, T, HK, K = q.shape
         HV = v.shape[2]
         group = HV // HK
         if do is None:
             do = torch.zeros_like(v)
-        dq_p, dk_p, dv, dg_p, dbeta_p = segment_delta_rule_bwd(
+        bwd = gdn_chunk.chunk_delta_rule_bwd if algo == "chunk" else gdn_delta_rule.segment_delta_rule_bwd
+        dq_p, dk_p, dv, dg_p, dbeta_p = bwd(
             q, k, v, g, beta, ckpt, do.contiguous(), None if dht is None else dht.float().contiguous(),
-            cu_seqlens, n_seq, scale, L2NORM_EPS, l2norm, ckpt_every,
+            cu_seqlens, n_seq, scale, L2NORM_EPS, l2norm, block,
         )
         # fixed-order sums over V-blocks and the value heads that share a key head: deterministic
         NV = dq_p.shape[0]
@@ -49,7 +57,7 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
         dk = dk_p.view(NV, B, T, HK, group, K).sum((0, 4)).to(k.dtype)
         dg = dg_p.sum(0)
         dbeta = dbeta_p.sum(0).to(beta.dtype)
-        return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dg, dbeta, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_tensor(name: str, t: object, dims: int) -> torch.Tensor:
@@ -125,6 +133,7 @@ def segment_delta_rule(
     output_final_state: bool = True,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    algorithm: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule from a constant initial state (no gradient to it, never written).
 
@@ -132,7 +141,11 @@ def segment_delta_rule(
     [B, T, Hv]; initial_state [B|N|1, Hv, K, V] fp32 or None (zeros). Per token: S <- exp(g) S;
     S <- S + k (beta (v - S^T k))^T; o = S^T (scale q). Returns o [B, T, Hv, V] in v's dtype and the final
     state [B|N, Hv, K, V] fp32 (None unless output_final_state); differentiable w.r.t. q, k, v, g, beta.
+    algorithm (Triton backend): 'chunk' (WY form, chunks of 64 tokens on tensor cores), 'recurrent' (token by
+    token) or 'auto' (chunk from CHUNK_MIN_LEN tokens on, recurrent below).
     """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"segment_delta_rule: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     n_seq, max_len = _validate(q, k, v, g, beta, initial_state, cu_seqlens)
     K = q.shape[3]
     scale = K**-0.5 if scale is None else float(scale)
@@ -141,12 +154,15 @@ def segment_delta_rule(
         return segment_delta_rule_ref(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens, **kwargs)
     from apollo_fast.kernels.gdn_delta_rule import default_ckpt_every
 
+    if algorithm == "auto":
+        algorithm = "chunk" if max_len >= CHUNK_MIN_LEN else "recurrent"
+    block = CHUNK_SIZE if algorithm == "chunk" else default_ckpt_every(max_len)
     h0 = None if initial_state is None else initial_state.detach().float().contiguous()
     # checkpoints for the backward only when one can happen (needs_input_grad is also set under no_grad)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
     out = _SegmentDeltaRuleFunction.apply(
         q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, bool(use_qk_l2norm), bool(output_final_state),
-        default_ckpt_every(max_len), save,
+        algorithm, block, save,
     )
     if output_final_state:
         return out

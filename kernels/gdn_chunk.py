@@ -1,0 +1,298 @@
+"""Gated delta rule over segments from a constant initial state: chunked (WY) forward and backward.
+
+One program per (segment, value head, V-block) walks the segment in chunks of BT tokens, holding the
+fp32 state tile S[K, BV]. Within a chunk (q, k L2-normalised in the kernel, q scaled; cumulative log
+decay G_i = sum_{j<=i} g_j; D_ij = exp(G_i - G_j) for j <= i; e_j = exp(G_C - G_j)):
+    A = strict_lower(beta_i D_ij k_i.k_j),  T = (I + A)^-1         (forward substitution)
+    W = T diag(beta exp(G)) K,  U = T diag(beta) V - W S          (the chunk's delta-rule updates)
+    O = diag(exp(G)) Q S + (D * Q K^T) U
+    S <- exp(G_C) S + (diag(e) K)^T U
+G is summed and differenced in fp64 (|G| reaches thousands for large-decay heads, and fp32 differences
+of nearby G would spoil dA_log); everything else is fp32, the products on tensor cores (tf32x3 for fp32
+inputs, which keeps fp32 accuracy; tf32 for bf16/fp16 inputs, whose own rounding is coarser).
+The forward saves S at every chunk start when a backward will follow; the backward walks the chunks in
+reverse from those states and runs the adjoint of the block above. dq, dk, dg and dbeta are partial sums
+over this V-block; the caller adds them over V-blocks and grouped heads in a fixed order (deterministic).
+Tensors are contiguous: q, k [B*T, Hk, K]; v, o [B*T, Hv, V]; g, beta [B*T, Hv].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_chunk(q, k, v, g, beta, t0, n_valid, i_hk, i_h, eps, rt, ok, ov, mk, mv,
+                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr):
+    """The chunk's q, k (L2-normalised when L2NORM), v block, g, beta in fp32, and the norms' 1/|x| factors.
+    Rows past the segment end load as zeros: k = v = g = beta = 0 leaves the state unchanged."""
+    rows = t0 + rt
+    mt = rt < n_valid
+    mqk = mt[:, None] & mk[None, :]
+    b_q = tl.load(q + (rows[:, None] * HK + i_hk) * K + ok[None, :], mask=mqk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + (rows[:, None] * HK + i_hk) * K + ok[None, :], mask=mqk, other=0.0).to(tl.float32)
+    b_v = tl.load(v + (rows[:, None] * HV + i_h) * V + ov[None, :], mask=mt[:, None] & mv[None, :],
+                  other=0.0).to(tl.float32)
+    b_g = tl.load(g + rows * HV + i_h, mask=mt, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta + rows * HV + i_h, mask=mt, other=0.0).to(tl.float32)
+    if L2NORM:
+        rq = 1.0 / tl.sqrt(tl.sum(b_q * b_q, 1) + eps)
+        rk = 1.0 / tl.sqrt(tl.sum(b_k * b_k, 1) + eps)
+    else:
+        rq = tl.full([b_q.shape[0]], 1.0, tl.float32)
+        rk = tl.full([b_k.shape[0]], 1.0, tl.float32)
+    return b_q * rq[:, None], b_k * rk[:, None], b_v, b_g, b_beta, rq, rk
+
+
+@triton.jit
+def _decays(b_g, rt):
+    """-> D [BT, BT] = exp(G_i - G_j) on j <= i (0 above), exp(G) [BT], e = exp(G_C - G) [BT], exp(G_C)."""
+    incl = rt[:, None] >= rt[None, :]
+    g64 = b_g.to(tl.float64)
+    gam = tl.sum(tl.where(incl, g64[None, :], 0.0), 1)
+    gam_last = tl.sum(g64, 0)
+    diff = tl.where(incl, gam[:, None] - gam[None, :], 0.0).to(tl.float32)
+    D = tl.where(incl, tl.exp(diff), 0.0)
+    return D, tl.exp(gam.to(tl.float32)), tl.exp((gam_last - gam).to(tl.float32)), tl.exp(gam_last.to(tl.float32))
+
+
+@triton.jit
+def _unit_lower_inverse(A, rt, BT: tl.constexpr):
+    """(I + A)^-1 for a strictly lower A [BT, BT]: forward substitution, row i = e_i - sum_{j<i} A_ij row j."""
+    Tm = (rt[:, None] == rt[None, :]).to(tl.float32)
+    for i in range(1, BT):
+        sel = rt[:, None] == i
+        a_i = tl.sum(tl.where(sel, A, 0.0), 0)
+        Tm = tl.where(sel, Tm - tl.sum(a_i[:, None] * Tm, 0)[None, :], Tm)
+    return Tm
+
+
+@triton.jit
+def _bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def _chunk_delta_rule_fwd_kernel(
+    q, k, v, g, beta, h0, o, ht, ckpt, cu_seqlens,
+    T, scale, eps, n_ckpt, h0_stride,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_CKPT: tl.constexpr, VARLEN: tl.constexpr,
+    L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // HV
+    i_h = i_nh % HV
+    i_hk = i_h // (HV // HK)
+    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    rt = tl.arange(0, BT)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    mkv = mk[:, None] & mv[None, :]
+    kv_off = ok[:, None] * V + ov[None, :]
+    strict = rt[:, None] > rt[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + i_n * h0_stride + i_h * K * V + kv_off, mask=mkv, other=0.0).to(tl.float32)
+    for c in range(0, tl.cdiv(eos - bos, BT)):
+        t0 = bos + c * BT
+        if SAVE_CKPT:
+            tl.store(ckpt + (i_nh * n_ckpt + c) * K * V + kv_off, S, mask=mkv)
+        b_q, b_k, b_v, b_g, b_beta, rq, rk = _load_chunk(q, k, v, g, beta, t0, eos - t0, i_hk, i_h, eps, rt, ok, ov,
+                                                         mk, mv, HK, HV, K, V, L2NORM)
+        b_q = b_q * scale
+        D, eG, e, eG_last = _decays(b_g, rt)
+        kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
+        Tm = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * D * kk, 0.0), rt, BT)
+        W = tl.dot(Tm, (b_beta * eG)[:, None] * b_k, input_precision=DOT_PREC)
+        U = tl.dot(Tm, b_beta[:, None] * b_v, input_precision=DOT_PREC) - tl.dot(W, S, input_precision=DOT_PREC)
+        M = D * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        b_o = eG[:, None] * tl.dot(b_q, S, input_precision=DOT_PREC) + tl.dot(M, U, input_precision=DOT_PREC)
+        rows = t0 + rt
+        tl.store(o + (rows[:, None] * HV + i_h) * V + ov[None, :], b_o.to(o.dtype.element_ty),
+                 mask=(rt < eos - t0)[:, None] & mv[None, :])
+        S = eG_last * S + tl.dot(tl.trans(b_k * e[:, None]), U, input_precision=DOT_PREC)
+    if STORE_HT:
+        tl.store(ht + i_nh * K * V + kv_off, S, mask=mkv)
+
+
+@triton.jit
+def _chunk_delta_rule_bwd_kernel(
+    q, k, v, g, beta, ckpt, do, dht, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
+    T, NT, scale, eps, n_ckpt,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // HV
+    i_h = i_nh % HV
+    i_hk = i_h // (HV // HK)
+    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    rt = tl.arange(0, BT)
+    ok = tl.arange(0, BK)
+    ov = i_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    mkv = mk[:, None] & mv[None, :]
+    kv_off = ok[:, None] * V + ov[None, :]
+    strict = rt[:, None] > rt[None, :]
+    incl = rt[:, None] >= rt[None, :]
+    part = i_v.to(tl.int64) * NT * HV  # partial outputs: [NV, B*T, HV, ...]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht + i_nh * K * V + kv_off, mask=mkv, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for c_rev in range(0, n_chunks):
+        c = n_chunks - 1 - c_rev
+        t0 = bos + c * BT
+        S0 = tl.load(ckpt + (i_nh * n_ckpt + c) * K * V + kv_off, mask=mkv, other=0.0)
+        b_qn, b_k, b_v, b_g, b_beta, rq, rk = _load_chunk(q, k, v, g, beta, t0, eos - t0, i_hk, i_h, eps, rt, ok,
+                                                          ov, mk, mv, HK, HV, K, V, L2NORM)
+        b_q = b_qn * scale
+        rows = t0 + rt
+        mt = rt < eos - t0
+        b_do = tl.load(do + (rows[:, None] * HV + i_h) * V + ov[None, :], mask=mt[:, None] & mv[None, :],
+                       other=0.0).to(tl.float32)
+        # recompute the chunk's forward
+        D, eG, e, eG_last = _decays(b_g, rt)
+        kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
+        Tm = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * D * kk, 0.0), rt, BT)
+        XW = (b_beta * eG)[:, None] * b_k
+        W = tl.dot(Tm, XW, input_precision=DOT_PREC)
+        U = tl.dot(Tm, b_beta[:, None] * b_v, input_precision=DOT_PREC) - tl.dot(W, S0, input_precision=DOT_PREC)
+        qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        M = D * qk
+        # adjoint of S1 = exp(G_C) S0 + (diag(e) K)^T U and O = diag(exp(G)) Q S0 + M U; dgam_i = dL/dexp(G_i)
+        # exp(G_i), tau_ij = dL/dD_ij D_ij (j < i)
+        dU = tl.dot(tl.trans(M), b_do, input_precision=DOT_PREC) + tl.dot(b_k * e[:, None], dS,
+                                                                          input_precision=DOT_PREC)
+        dke = tl.dot(U, tl.trans(dS), input_precision=DOT_PREC)
+        b_dk = e[:, None] * dke
+        # e_j = D_{C,j}: its decay term joins tau's last row
+        tau = tl.where(rt[:, None] == BT - 1, (tl.sum(dke * b_k, 1) * e)[None, :], 0.0)
+        dgam_last = eG_last * tl.sum(tl.sum(dS * S0, 1), 0)
+        dgam = eG * tl.sum(b_do * tl.dot(b_q, S0, input_precision=DOT_PREC), 1)
+        b_dq = eG[:, None] * tl.dot(b_do, tl.trans(S0), input_precision=DOT_PREC)
+        dS = eG_last * dS + tl.dot(tl.trans(b_q * eG[:, None]), b_do, input_precision=DOT_PREC)
+        dqk = D * tl.dot(b_do, tl.trans(U), input_precision=DOT_PREC)
+        b_dq += tl.dot(dqk, b_k, input_precision=DOT_PREC)
+        b_dk += tl.dot(tl.trans(dqk), b_q, input_precision=DOT_PREC)
+        tau += dqk * qk
+        # adjoint of U = T diag(beta) V - W S0 and W = T diag(beta exp(G)) K
+        dW = -tl.dot(dU, tl.trans(S0), input_precision=DOT_PREC)
+        dS -= tl.dot(tl.trans(W), dU, input_precision=DOT_PREC)
+        dT = tl.dot(dW, tl.trans(XW), input_precision=DOT_PREC) + tl.dot(dU, tl.trans(b_beta[:, None] * b_v),
+                                                                         input_precision=DOT_PREC)
+        dXW = tl.dot(tl.trans(Tm), dW, input_precision=DOT_PREC)
+        dXU = tl.dot(tl.trans(Tm), dU, input_precision=DOT_PREC)
+        b_dv = b_beta[:, None] * dXU
+        t2 = tl.sum(dXW * b_k, 1)
+        b_dbeta = tl.sum(dXU * b_v, 1) + eG * t2
+        dgam += b_beta * eG * t2
+        b_dk += (b_beta * eG)[:, None] * dXW
+        # adjoint of T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part; A = beta_i D_ij k_i.k_j
+        dA = -tl.dot(tl.trans(Tm), tl.dot(dT, tl.trans(Tm), input_precision=DOT_PREC), input_precision=DOT_PREC)
+        t3 = tl.where(strict, dA * D * kk, 0.0)
+        b_dbeta += tl.sum(t3, 1)
+        dkk = tl.where(strict, dA * D, 0.0) * b_beta[:, None]
+        b_dk += tl.dot(dkk, b_k, input_precision=DOT_PREC) + tl.dot(tl.trans(dkk), b_k, input_precision=DOT_PREC)
+        tau = tl.where(strict, tau + t3 * b_beta[:, None], 0.0)
+        # To dg. Absolute decays exp(G_i) depend on g_l for l <= i: dg_l += sum_{i>=l} dgam_i (+ dgam_last: G_C
+        # sums every g of the chunk; rows past the end have g = 0). Relative decays D_ij (j < i), with
+        # tau_ij = dL/dD_ij * D_ij, depend on g_l for j < l <= i: dg_l += sum_{i>=l} sum_{j<l} tau_ij. Summing that
+        # rectangle directly, rather than through dG_i = sum_j tau_ij - sum_j tau_ji, avoids a cancellation that
+        # costs large-decay heads their dA_log accuracy.
+        tau_rows = tl.dot(tau, (rt[:, None] < rt[None, :]).to(tl.float32), input_precision=DOT_PREC)
+        b_dg = tl.sum(tl.where(incl, dgam[:, None] + tau_rows, 0.0), 0) + dgam_last
+        # through the scale and x * rsqrt(|x|^2 + eps): dx = r (dy - y (y . dy))
+        b_dq = b_dq * scale
+        if L2NORM:
+            b_dq = rq[:, None] * (b_dq - b_qn * tl.sum(b_qn * b_dq, 1)[:, None])
+            b_dk = rk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])
+        tok = part + rows * HV + i_h
+        mqk = mt[:, None] & mk[None, :]
+        tl.store(dq_part + tok[:, None] * K + ok[None, :], b_dq, mask=mqk)
+        tl.store(dk_part + tok[:, None] * K + ok[None, :], b_dk, mask=mqk)
+        tl.store(dv + (rows[:, None] * HV + i_h) * V + ov[None, :], b_dv.to(dv.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+        tl.store(dg_part + tok, b_dg, mask=mt)
+        tl.store(dbeta_part + tok, b_dbeta, mask=mt)
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests replace it with a NaN fill, so an element a kernel skips fails)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _block_sizes(K: int, V: int) -> tuple[int, int]:
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(triton.next_power_of_2(V), 64))
+    return BK, BV
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def chunk_delta_rule_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, n_seq: int, max_len: int,
+    scale: float, eps: float, l2norm: bool, store_ht: bool, save_ckpt: bool, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g fp32, beta [B, T, Hv]; h0 [N|1, Hv, K, V] fp32 or None
+    -> o [B, T, Hv, V] (v's dtype), final state [N, Hv, K, V] fp32, chunk-start states [N, Hv, C, K, V] fp32."""
+    B, T, HK, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    BK, BV = _block_sizes(K, V)
+    n_ckpt = triton.cdiv(max_len, chunk) if save_ckpt else 0
+    o = _empty(*v.shape, dtype=v.dtype, device=v.device)
+    ht = _empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
+    ckpt = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
+    h0_stride = 0 if h0 is None or h0.shape[0] == 1 else HV * K * V
+    _chunk_delta_rule_fwd_kernel[(triton.cdiv(V, BV), n_seq * HV)](
+        q, k, v, g, beta, h0, o, ht, ckpt, cu_seqlens,
+        T, scale, eps, n_ckpt, h0_stride,
+        HK=HK, HV=HV, K=K, V=V, BT=chunk, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=store_ht,
+        SAVE_CKPT=save_ckpt, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=_dot_precision(q.dtype),
+    )
+    return o, ht, ckpt
+
+
+def chunk_delta_rule_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    ckpt: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+    n_seq: int, scale: float, eps: float, l2norm: bool, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> partial dq, dk [NV, B, T, Hv, K] fp32 (already through the L2 norm, per value head), dv [B, T, Hv, V]
+    (v's dtype), partial dg, dbeta [NV, B, T, Hv] fp32."""
+    B, T, HK, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    BK, BV = _block_sizes(K, V)
+    NV = triton.cdiv(V, BV)
+    dev = q.device
+    dq_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
+    dk_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
+    dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
+    dg_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
+    dbeta_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
+    _chunk_delta_rule_bwd_kernel[(NV, n_seq * HV)](
+        q, k, v, g, beta, ckpt, do, dht, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
+        T, B * T, scale, eps, ckpt.shape[2],
+        HK=HK, HV=HV, K=K, V=V, BT=chunk, BK=BK, BV=BV, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None,
+        L2NORM=l2norm, DOT_PREC=_dot_precision(q.dtype),
+    )
+    return dq_part, dk_part, dv, dg_part, dbeta_part
