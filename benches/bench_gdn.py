@@ -1,5 +1,8 @@
 """GDN kernels benchmark: segment delta rule fwd+bwd (ours vs transformers' PyTorch fallback vs fla) and the gate.
 
+'ours' is segment_delta_rule's default (algorithm='auto': the chunked WY kernels from 16 tokens on);
+'recurrent' is our token-by-token kernel, timed beside it.
+
 Qwen3.5 GDN shapes (16 key heads; 48 or 32 value heads of 128), bf16 inputs, a frozen fp32 initial state.
 Also the accuracy of d A_log / d dt_bias against the fp64 per-token reference (fp32 inputs, A in [0.01, 16]).
 
@@ -138,9 +141,13 @@ def ckpt_every_forced(c: int):
         gdn_delta_rule.default_ckpt_every = real
 
 
-def run_ours(q, k, v, g, beta, h0):
-    o, _ = segment_delta_rule(q, k, v, g, beta, h0, output_final_state=False)
+def run_ours(q, k, v, g, beta, h0, algorithm="auto"):
+    o, _ = segment_delta_rule(q, k, v, g, beta, h0, output_final_state=False, algorithm=algorithm)
     return o
+
+
+def run_recurrent(q, k, v, g, beta, h0):
+    return run_ours(q, k, v, g, beta, h0, algorithm="recurrent")
 
 
 def eager_gate(a, b, A_log, dt_bias):
@@ -252,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip transformers' PyTorch fallback")
+    p.add_argument("--no-recurrent", action="store_true", help="skip our token-by-token kernel")
     p.add_argument("--block-v", type=int, nargs="*", default=[],
                    help="also time ours with these V-block widths (tuning aid; the default heuristic is 'ours')")
     p.add_argument("--ckpt-every", type=int, nargs="*", default=[],
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     batches, lengths, heads = args.batches, args.lengths, args.value_heads
     if args.tiny:
         Hk, K, V, dtype = 1, 16, 16, torch.float32
-        batches, lengths, heads = [1, 2], [8, 17], [2]
+        batches, lengths, heads = [1, 2], [8, 17, 70], [2]
         args.reps, args.warmup, args.acc_max_len = 2, 1, 17
 
     tf_fn, tf_name = transformers_fallback()
@@ -296,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"Hv": Hv, "B": B, "T": T}
                 row["ours"] = time_ms(fwd_bwd(run_ours, x, g, beta, do), device, args.warmup, args.reps)
                 row["ours"]["peak_mb"] = peak_mb(fwd_bwd(run_ours, x, g, beta, do), device)
+                if not args.no_recurrent:
+                    row["recurrent"] = time_ms(fwd_bwd(run_recurrent, x, g, beta, do), device, args.warmup, args.reps)
                 ours_step = lambda: fwd_bwd(run_ours, x, g, beta, do)  # noqa: B023 - used within this iteration
                 for bv in args.block_v:
                     with block_v_forced(bv):
@@ -341,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         for T in [t for t in lengths if t <= args.acc_max_len]:
             x = make_inputs(1, T, Hk, Hv, K, V, torch.float32, device, seed=T)
             w = torch.randn(1, T, Hv, V, device=device, dtype=torch.float64)
-            acc = {"Hv": Hv, "T": T, "ours": param_grad_errors(x, run_ours, gate, w)}
+            acc = {"Hv": Hv, "T": T, "ours": param_grad_errors(x, run_ours, gate, w),
+                   "recurrent": param_grad_errors(x, run_recurrent, gate, w)}
             if fla_fn is not None:
                 with fla_hopper_guard_bypassed():
                     try:
@@ -366,11 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         print("# fla: Hopper/Triton guard BYPASSED for this measurement only (its gated backward is refused on "
               "Hopper with Triton in [3.4, 3.7.1)); a speed reference, not a correct kernel there")
     print("# 'vs torch' / 'vs fla': their time / ours (above 1x: ours is faster)")
-    print("\n| Hv | B | T | ours ms | ours peak MB | torch fallback ms | fla ms | vs torch | vs fla |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| Hv | B | T | ours ms | ours peak MB | recurrent ms | torch fallback ms | fla ms | vs torch | vs fla |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, t, f = ms(r, "ours"), ms(r, "torch"), ms(r, "fla")
         print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(o)} | {fmt(r['ours'].get('peak_mb'), '.0f')} | "
+              f"{fmt(ms(r, 'recurrent'))} | "
               f"{fmt(t) if 'error' not in r.get('torch', {}) else r['torch']['error']} | "
               f"{fmt(f) if 'error' not in r.get('fla', {}) else 'error'} | "
               f"{fmt(ratio(t, o), '.1f', 'x')} | {fmt(ratio(f, o), '.2f', 'x')} |")
@@ -394,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(ms(r, 'ours'))} | {fmt(ms(r, 'eager'))} | "
               f"{fmt(ratio(ms(r, 'eager'), ms(r, 'ours')), '.1f', 'x')} |")
     print("\n# accuracy: max per-head relative error vs fp64, fp32 inputs, A in [0.01, 16], B=1")
-    print("| Hv | T | ours dA_log | ours ddt_bias | fla dA_log | fla ddt_bias |")
-    print("|---|---|---|---|---|---|")
+    print("| Hv | T | ours dA_log | ours ddt_bias | recurrent dA_log | recurrent ddt_bias | fla dA_log | fla ddt_bias |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in acc_rows:
         f = r.get("fla", {})
         print(f"| {r['Hv']} | {r['T']} | {r['ours']['dA_log']:.1e} | {r['ours']['ddt_bias']:.1e} | "
+              f"{r['recurrent']['dA_log']:.1e} | {r['recurrent']['ddt_bias']:.1e} | "
               f"{fmt(f.get('dA_log'), '.1e')} | {fmt(f.get('ddt_bias'), '.1e')} |")
     print(f"\nJSON: {path}")
     return 0
