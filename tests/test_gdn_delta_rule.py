@@ -229,3 +229,13 @@ def test_chunk_no_grad_saves_no_states_and_matches_recurrent(monkeypatch):
     assert torch.equal(o_ng, o.detach()) and torch.equal(fs_ng, fs.detach())
     assert_close("o chunk vs recurrent", o_rec, o_ng, FP32_RTOL)
     assert_close("final_state chunk vs recurrent", fs_rec, fs_ng, FP32_RTOL)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_segment_near_identical_keys_full_beta_no_decay(algorithm):
+    """The hard case for the chunk's (I + A)^-1: every A entry near 1, so a naive series would blow up."""
+    x = make_inputs(1, 64, 1, 2, 16, 16, A_range=(0.001, 0.002), seed=18, device=DEVICE)
+    x["k"] = x["k"][:, :1].expand_as(x["k"]) + 1e-3 * torch.randn_like(x["k"])
+    x["b"] = x["b"].abs() + 6  # beta ~ 1
+    x["a"] = x["a"] - 8  # decay ~ 0
+    _check_fp32(reference_fp64(x), run_pipeline(x, gate, _delta(algorithm), torch.float32))
