@@ -24,26 +24,32 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_chunk(q, k, v, g, beta, t0, n_valid, i_hk, i_h, eps, rt, ok, ov, mk, mv,
-                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L2NORM: tl.constexpr):
-    """The chunk's q, k (L2-normalised when L2NORM), v block, g, beta in fp32, and the norms' 1/|x| factors.
-    Rows past the segment end load as zeros: k = v = g = beta = 0 leaves the state unchanged."""
-    rows = t0 + rt
-    mt = rt < n_valid
-    mqk = mt[:, None] & mk[None, :]
-    b_q = tl.load(q + (rows[:, None] * HK + i_hk) * K + ok[None, :], mask=mqk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + (rows[:, None] * HK + i_hk) * K + ok[None, :], mask=mqk, other=0.0).to(tl.float32)
-    b_v = tl.load(v + (rows[:, None] * HV + i_h) * V + ov[None, :], mask=mt[:, None] & mv[None, :],
-                  other=0.0).to(tl.float32)
-    b_g = tl.load(g + rows * HV + i_h, mask=mt, other=0.0).to(tl.float32)
-    b_beta = tl.load(beta + rows * HV + i_h, mask=mt, other=0.0).to(tl.float32)
+def _load_normed(x, t0, n_valid, i_hk, eps, rt, ok, mk, HK: tl.constexpr, K: tl.constexpr, L2NORM: tl.constexpr):
+    """Rows t0.. of q or k as [BT, BK] fp32, L2-normalised when L2NORM, and the 1/|x| factors.
+    Rows past the segment end load as zeros."""
+    m = (rt < n_valid)[:, None] & mk[None, :]
+    b = tl.load(x + ((t0 + rt)[:, None] * HK + i_hk) * K + ok[None, :], mask=m, other=0.0).to(tl.float32)
     if L2NORM:
-        rq = 1.0 / tl.sqrt(tl.sum(b_q * b_q, 1) + eps)
-        rk = 1.0 / tl.sqrt(tl.sum(b_k * b_k, 1) + eps)
+        r = 1.0 / tl.sqrt(tl.sum(b * b, 1) + eps)
     else:
-        rq = tl.full([b_q.shape[0]], 1.0, tl.float32)
-        rk = tl.full([b_k.shape[0]], 1.0, tl.float32)
-    return b_q * rq[:, None], b_k * rk[:, None], b_v, b_g, b_beta, rq, rk
+        r = tl.full([b.shape[0]], 1.0, tl.float32)
+    return b * r[:, None], r
+
+
+@triton.jit
+def _load_rows(x, t0, n_valid, i_h, rt, ov, mv, HV: tl.constexpr, V: tl.constexpr):
+    """Rows t0.. of v, do [BT, BV] (this program's V-block) in fp32; zeros past the segment end."""
+    m = (rt < n_valid)[:, None] & mv[None, :]
+    return tl.load(x + ((t0 + rt)[:, None] * HV + i_h) * V + ov[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_gates(g, beta, t0, n_valid, i_h, rt, HV: tl.constexpr):
+    """g and beta of rows t0.. [BT] in fp32; zeros past the segment end (g = beta = 0 leaves the state as is)."""
+    m = rt < n_valid
+    b_g = tl.load(g + (t0 + rt) * HV + i_h, mask=m, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta + (t0 + rt) * HV + i_h, mask=m, other=0.0).to(tl.float32)
+    return b_g, b_beta
 
 
 @triton.jit
@@ -96,13 +102,15 @@ def _bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
 
 @triton.jit
 def _chunk_delta_rule_fwd_kernel(
-    q, k, v, g, beta, h0, o, ht, ckpt, cu_seqlens,
+    q, k, v, g, beta, h0, o, ht, ckpt, Tb, Wb, cu_seqlens,
     T, scale, eps, n_ckpt, h0_stride,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_CKPT: tl.constexpr, VARLEN: tl.constexpr,
-    L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+    L2NORM: tl.constexpr, DOT_PREC: tl.constexpr, PREPARED: tl.constexpr,
 ):
+    """Sequential over chunks, per (segment, value head, V-block). PREPARED: T and W come from
+    _chunk_prepare_kernel (computed in parallel beforehand) instead of being computed here."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // HV
@@ -124,13 +132,20 @@ def _chunk_delta_rule_fwd_kernel(
         t0 = bos + c * BT
         if SAVE_CKPT:
             tl.store(ckpt + (i_nh * n_ckpt + c) * K * V + kv_off, S, mask=mkv)
-        b_q, b_k, b_v, b_g, b_beta, rq, rk = _load_chunk(q, k, v, g, beta, t0, eos - t0, i_hk, i_h, eps, rt, ok, ov,
-                                                         mk, mv, HK, HV, K, V, L2NORM)
+        b_q, _ = _load_normed(q, t0, eos - t0, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        b_k, _ = _load_normed(k, t0, eos - t0, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        b_g, b_beta = _load_gates(g, beta, t0, eos - t0, i_h, rt, HV)
+        b_v = _load_rows(v, t0, eos - t0, i_h, rt, ov, mv, HV, V)
         b_q = b_q * scale
         D, eG, e, eG_last = _decays(b_g, rt)
-        kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
-        Tm = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * D * kk, 0.0), rt, BT, DOT_PREC)
-        W = tl.dot(Tm, (b_beta * eG)[:, None] * b_k, input_precision=DOT_PREC)
+        if PREPARED:
+            base = i_nh * n_ckpt + c
+            Tm = tl.load(Tb + base * BT * BT + rt[:, None] * BT + rt[None, :])
+            W = tl.load(Wb + base * BT * K + rt[:, None] * K + ok[None, :], mask=mk[None, :], other=0.0)
+        else:
+            kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
+            Tm = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * D * kk, 0.0), rt, BT, DOT_PREC)
+            W = tl.dot(Tm, (b_beta * eG)[:, None] * b_k, input_precision=DOT_PREC)
         U = tl.dot(Tm, b_beta[:, None] * b_v, input_precision=DOT_PREC) - tl.dot(W, S, input_precision=DOT_PREC)
         M = D * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         b_o = eG[:, None] * tl.dot(b_q, S, input_precision=DOT_PREC) + tl.dot(M, U, input_precision=DOT_PREC)
@@ -143,13 +158,45 @@ def _chunk_delta_rule_fwd_kernel(
 
 
 @triton.jit
-def _chunk_delta_rule_bwd_kernel(
-    q, k, v, g, beta, ckpt, do, dht, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
-    T, NT, scale, eps, n_ckpt,
+def _chunk_prepare_kernel(
+    k, g, beta, Tb, Wb, cu_seqlens, T, eps, n_ckpt,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Per (chunk, head), in parallel: T = (I + A)^-1 [BT, BT] and W = T diag(beta exp(G)) K [BT, K], for the
+    backward's two kernels (full tiles: rows past the end hold T = I, W = 0)."""
+    c = tl.program_id(0)
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // HV
+    i_h = i_nh % HV
+    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    t0 = bos + c * BT
+    if t0 < eos:
+        rt = tl.arange(0, BT)
+        ok = tl.arange(0, BK)
+        mk = ok < K
+        b_k, _ = _load_normed(k, t0, eos - t0, i_h // (HV // HK), eps, rt, ok, mk, HK, K, L2NORM)
+        b_g, b_beta = _load_gates(g, beta, t0, eos - t0, i_h, rt, HV)
+        D, eG, _, _ = _decays(b_g, rt)
+        kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
+        Tm = _unit_lower_inverse(tl.where(rt[:, None] > rt[None, :], b_beta[:, None] * D * kk, 0.0), rt, BT,
+                                 DOT_PREC)
+        W = tl.dot(Tm, (b_beta * eG)[:, None] * b_k, input_precision=DOT_PREC)
+        base = i_nh * n_ckpt + c
+        tl.store(Tb + base * BT * BT + rt[:, None] * BT + rt[None, :], Tm)
+        tl.store(Wb + base * BT * K + rt[:, None] * K + ok[None, :], W, mask=mk[None, :])
+
+
+@triton.jit
+def _chunk_bwd_dh_kernel(
+    q, k, g, do, dht, Wb, dh, cu_seqlens, T, scale, eps, n_ckpt,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """The sequential part of the backward, per (segment, value head, V-block): walks the chunks in reverse and
+    stores dL/dS at every chunk's end. Per chunk: dU = M^T dO + diag(e) K dS;
+    dS <- exp(G_C) dS + (diag(exp(G)) Q)^T dO - W^T dU."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // HV
@@ -163,9 +210,6 @@ def _chunk_delta_rule_bwd_kernel(
     mv = ov < V
     mkv = mk[:, None] & mv[None, :]
     kv_off = ok[:, None] * V + ov[None, :]
-    strict = rt[:, None] > rt[None, :]
-    incl = rt[:, None] >= rt[None, :]
-    part = i_v.to(tl.int64) * NT * HV  # partial outputs: [NV, B*T, HV, ...]
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         dS += tl.load(dht + i_nh * K * V + kv_off, mask=mkv, other=0.0)
@@ -173,20 +217,66 @@ def _chunk_delta_rule_bwd_kernel(
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
         t0 = bos + c * BT
-        S0 = tl.load(ckpt + (i_nh * n_ckpt + c) * K * V + kv_off, mask=mkv, other=0.0)
-        b_qn, b_k, b_v, b_g, b_beta, rq, rk = _load_chunk(q, k, v, g, beta, t0, eos - t0, i_hk, i_h, eps, rt, ok,
-                                                          ov, mk, mv, HK, HV, K, V, L2NORM)
+        base = i_nh * n_ckpt + c
+        tl.store(dh + base * K * V + kv_off, dS, mask=mkv)
+        b_q, _ = _load_normed(q, t0, eos - t0, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        b_k, _ = _load_normed(k, t0, eos - t0, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        b_g = tl.load(g + (t0 + rt) * HV + i_h, mask=rt < eos - t0, other=0.0).to(tl.float32)
+        b_do = _load_rows(do, t0, eos - t0, i_h, rt, ov, mv, HV, V)
+        D, eG, e, eG_last = _decays(b_g, rt)
+        b_q = b_q * scale
+        M = D * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        W = tl.load(Wb + base * BT * K + rt[:, None] * K + ok[None, :], mask=mk[None, :], other=0.0)
+        dU = tl.dot(tl.trans(M), b_do, input_precision=DOT_PREC) + tl.dot(b_k * e[:, None], dS,
+                                                                          input_precision=DOT_PREC)
+        dS = eG_last * dS + tl.dot(tl.trans(b_q * eG[:, None]), b_do, input_precision=DOT_PREC) - tl.dot(
+            tl.trans(W), dU, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _chunk_bwd_kernel(
+    q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
+    T, NT, scale, eps, n_ckpt,
+    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The parallel part of the backward, per (V-block, chunk, head): every gradient of one chunk from the state
+    at its start (saved by the forward) and dL/dS at its end (from _chunk_bwd_dh_kernel)."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v = tl.program_id(0) % NV
+    c = tl.program_id(0) // NV
+    i_nh = tl.program_id(1).to(tl.int64)
+    i_n = i_nh // HV
+    i_h = i_nh % HV
+    i_hk = i_h // (HV // HK)
+    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    t0 = bos + c * BT
+    if t0 < eos:
+        rt = tl.arange(0, BT)
+        ok = tl.arange(0, BK)
+        ov = i_v * BV + tl.arange(0, BV)
+        mk = ok < K
+        mv = ov < V
+        mkv = mk[:, None] & mv[None, :]
+        kv_off = ok[:, None] * V + ov[None, :]
+        strict = rt[:, None] > rt[None, :]
+        incl = rt[:, None] >= rt[None, :]
+        n_valid = eos - t0
+        mt = rt < n_valid
+        base = i_nh * n_ckpt + c
+        S0 = tl.load(ckpt + base * K * V + kv_off, mask=mkv, other=0.0)
+        dS = tl.load(dh + base * K * V + kv_off, mask=mkv, other=0.0)
+        b_qn, rq = _load_normed(q, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        b_k, rk = _load_normed(k, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        b_g, b_beta = _load_gates(g, beta, t0, n_valid, i_h, rt, HV)
+        b_v = _load_rows(v, t0, n_valid, i_h, rt, ov, mv, HV, V)
+        b_do = _load_rows(do, t0, n_valid, i_h, rt, ov, mv, HV, V)
         b_q = b_qn * scale
-        rows = t0 + rt
-        mt = rt < eos - t0
-        b_do = tl.load(do + (rows[:, None] * HV + i_h) * V + ov[None, :], mask=mt[:, None] & mv[None, :],
-                       other=0.0).to(tl.float32)
-        # recompute the chunk's forward
+        Tm = tl.load(Tb + base * BT * BT + rt[:, None] * BT + rt[None, :])
+        W = tl.load(Wb + base * BT * K + rt[:, None] * K + ok[None, :], mask=mk[None, :], other=0.0)
         D, eG, e, eG_last = _decays(b_g, rt)
         kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
-        Tm = _unit_lower_inverse(tl.where(strict, b_beta[:, None] * D * kk, 0.0), rt, BT, DOT_PREC)
-        XW = (b_beta * eG)[:, None] * b_k
-        W = tl.dot(Tm, XW, input_precision=DOT_PREC)
         U = tl.dot(Tm, b_beta[:, None] * b_v, input_precision=DOT_PREC) - tl.dot(W, S0, input_precision=DOT_PREC)
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         M = D * qk
@@ -201,16 +291,14 @@ def _chunk_delta_rule_bwd_kernel(
         dgam_last = eG_last * tl.sum(tl.sum(dS * S0, 1), 0)
         dgam = eG * tl.sum(b_do * tl.dot(b_q, S0, input_precision=DOT_PREC), 1)
         b_dq = eG[:, None] * tl.dot(b_do, tl.trans(S0), input_precision=DOT_PREC)
-        dS = eG_last * dS + tl.dot(tl.trans(b_q * eG[:, None]), b_do, input_precision=DOT_PREC)
         dqk = D * tl.dot(b_do, tl.trans(U), input_precision=DOT_PREC)
         b_dq += tl.dot(dqk, b_k, input_precision=DOT_PREC)
         b_dk += tl.dot(tl.trans(dqk), b_q, input_precision=DOT_PREC)
         tau += dqk * qk
         # adjoint of U = T diag(beta) V - W S0 and W = T diag(beta exp(G)) K
         dW = -tl.dot(dU, tl.trans(S0), input_precision=DOT_PREC)
-        dS -= tl.dot(tl.trans(W), dU, input_precision=DOT_PREC)
-        dT = tl.dot(dW, tl.trans(XW), input_precision=DOT_PREC) + tl.dot(dU, tl.trans(b_beta[:, None] * b_v),
-                                                                         input_precision=DOT_PREC)
+        dT = tl.dot(dW, tl.trans((b_beta * eG)[:, None] * b_k), input_precision=DOT_PREC) + tl.dot(
+            dU, tl.trans(b_beta[:, None] * b_v), input_precision=DOT_PREC)
         dXW = tl.dot(tl.trans(Tm), dW, input_precision=DOT_PREC)
         dXU = tl.dot(tl.trans(Tm), dU, input_precision=DOT_PREC)
         b_dv = b_beta[:, None] * dXU
@@ -227,7 +315,7 @@ def _chunk_delta_rule_bwd_kernel(
         tau = tl.where(strict, tau + t3 * b_beta[:, None], 0.0)
         # To dg. Absolute decays exp(G_i) depend on g_l for l <= i: dg_l += sum_{i>=l} dgam_i (+ dgam_last: G_C
         # sums every g of the chunk; rows past the end have g = 0). Relative decays D_ij (j < i), with
-        # tau_ij = dL/dD_ij * D_ij, depend on g_l for j < l <= i: dg_l += sum_{i>=l} sum_{j<l} tau_ij. Summing that
+        # tau_ij = dL/dD_ij D_ij, depend on g_l for j < l <= i: dg_l += sum_{i>=l} sum_{j<l} tau_ij. Summing that
         # rectangle directly, rather than through dG_i = sum_j tau_ij - sum_j tau_ji, avoids a cancellation that
         # costs large-decay heads their dA_log accuracy.
         tau_rows = tl.dot(tau, (rt[:, None] < rt[None, :]).to(tl.float32), input_precision=DOT_PREC)
@@ -237,7 +325,8 @@ def _chunk_delta_rule_bwd_kernel(
         if L2NORM:
             b_dq = rq[:, None] * (b_dq - b_qn * tl.sum(b_qn * b_dq, 1)[:, None])
             b_dk = rk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])
-        tok = part + rows * HV + i_h
+        rows = t0 + rt
+        tok = i_v.to(tl.int64) * NT * HV + rows * HV + i_h  # partial outputs: [NV, B*T, HV, ...]
         mqk = mt[:, None] & mk[None, :]
         tl.store(dq_part + tok[:, None] * K + ok[None, :], b_dq, mask=mqk)
         tl.store(dk_part + tok[:, None] * K + ok[None, :], b_dk, mask=mqk)
@@ -245,6 +334,9 @@ def _chunk_delta_rule_bwd_kernel(
                  mask=mt[:, None] & mv[None, :])
         tl.store(dg_part + tok, b_dg, mask=mt)
         tl.store(dbeta_part + tok, b_dbeta, mask=mt)
+
+
+NUM_WARPS = 8  # the tiles are large ([64, 128] fp32): with 4 warps ptxas spills 2-3x more (sm_90, BT=64, K=128)
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -262,6 +354,22 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _prepare(
+    k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu_seqlens: torch.Tensor | None, n_seq: int, n_ckpt: int,
+    eps: float, l2norm: bool, chunk: int, prec: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> T [N, Hv, C, BT, BT] and W [N, Hv, C, BT, K] fp32 for every chunk (one program per chunk and head)."""
+    B, T, HK, K = k.shape
+    HV = g.shape[2]
+    Tb = _empty(n_seq, HV, n_ckpt, chunk, chunk, dtype=torch.float32, device=k.device)
+    Wb = _empty(n_seq, HV, n_ckpt, chunk, K, dtype=torch.float32, device=k.device)
+    _chunk_prepare_kernel[(n_ckpt, n_seq * HV)](
+        k, g, beta, Tb, Wb, cu_seqlens, T, eps, n_ckpt, HK=HK, HV=HV, K=K, BT=chunk,
+        BK=_block_sizes(K, 16)[0], VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, num_warps=NUM_WARPS,
+    )
+    return Tb, Wb
+
+
 def chunk_delta_rule_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
     h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, n_seq: int, max_len: int,
@@ -277,11 +385,18 @@ def chunk_delta_rule_fwd(
     ht = _empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
     ckpt = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
     h0_stride = 0 if h0 is None or h0.shape[0] == 1 else HV * K * V
+    prec = _dot_precision(q.dtype)
+    # Training: T and W of every chunk in parallel first (the sequential kernel gets lighter). Inference (no
+    # backward, possibly a context of many thousand tokens): all in one kernel, no [chunks, ...] buffers.
+    Tb = Wb = None
+    if save_ckpt:
+        Tb, Wb = _prepare(k, g, beta, cu_seqlens, n_seq, n_ckpt, eps, l2norm, chunk, prec)
     _chunk_delta_rule_fwd_kernel[(triton.cdiv(V, BV), n_seq * HV)](
-        q, k, v, g, beta, h0, o, ht, ckpt, cu_seqlens,
+        q, k, v, g, beta, h0, o, ht, ckpt, Tb, Wb, cu_seqlens,
         T, scale, eps, n_ckpt, h0_stride,
         HK=HK, HV=HV, K=K, V=V, BT=chunk, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=store_ht,
-        SAVE_CKPT=save_ckpt, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=_dot_precision(q.dtype),
+        SAVE_CKPT=save_ckpt, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, PREPARED=save_ckpt,
+        num_warps=NUM_WARPS,
     )
     return o, ht, ckpt
 
@@ -291,22 +406,30 @@ def chunk_delta_rule_bwd(
     ckpt: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
     n_seq: int, scale: float, eps: float, l2norm: bool, chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> partial dq, dk [NV, B, T, Hv, K] fp32 (already through the L2 norm, per value head), dv [B, T, Hv, V]
-    (v's dtype), partial dg, dbeta [NV, B, T, Hv] fp32."""
+    """Three launches: T and W per chunk (parallel), dL/dS at chunk ends (sequential over chunks), then every
+    chunk's gradients (parallel). -> partial dq, dk [NV, B, T, Hv, K] fp32 (already through the L2 norm, per value
+    head), dv [B, T, Hv, V] (v's dtype), partial dg, dbeta [NV, B, T, Hv] fp32."""
     B, T, HK, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     BK, BV = _block_sizes(K, V)
     NV = triton.cdiv(V, BV)
+    n_ckpt = ckpt.shape[2]
     dev = q.device
+    prec = _dot_precision(q.dtype)
+    meta = dict(HK=HK, HV=HV, K=K, BT=chunk, BK=BK, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec,
+                num_warps=NUM_WARPS)
+    Tb, Wb = _prepare(k, g, beta, cu_seqlens, n_seq, n_ckpt, eps, l2norm, chunk, prec)
+    dh = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=dev)
+    _chunk_bwd_dh_kernel[(NV, n_seq * HV)](
+        q, k, g, do, dht, Wb, dh, cu_seqlens, T, scale, eps, n_ckpt, V=V, BV=BV, USE_DHT=dht is not None, **meta,
+    )
     dq_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
     dk_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
     dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
     dg_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
     dbeta_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
-    _chunk_delta_rule_bwd_kernel[(NV, n_seq * HV)](
-        q, k, v, g, beta, ckpt, do, dht, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
-        T, B * T, scale, eps, ckpt.shape[2],
-        HK=HK, HV=HV, K=K, V=V, BT=chunk, BK=BK, BV=BV, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None,
-        L2NORM=l2norm, DOT_PREC=_dot_precision(q.dtype),
+    _chunk_bwd_kernel[(NV * n_ckpt, n_seq * HV)](  # V-block fastest: a chunk's programs share its loads in L2
+        q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
+        T, B * T, scale, eps, n_ckpt, V=V, BV=BV, **meta,
     )
     return dq_part, dk_part, dv, dg_part, dbeta_part

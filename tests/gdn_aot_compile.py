@@ -27,9 +27,9 @@ P = lambda dt: "*" + dt
 C = "constexpr"
 
 
-def compile_one(fn, signature, constexprs) -> None:
+def compile_one(fn, signature, constexprs, num_warps=4) -> None:
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 32))
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     spills = ".local" in kernel.asm["ptx"]
     print(f"{fn.__name__} {constexprs} compiled for sm_90; local memory in PTX: {spills}")
 
@@ -53,17 +53,33 @@ def main() -> int:
                     HV=C, BLOCK_R=C, BLOCK_H=C)
     chunk_shapes = dict(HK=16, HV=48, K=128, V=128, BT=64, BK=128, BV=64)
     chunk_fwd = {n: t for n, t in fwd.items() if n not in ("ckpt_every", *shapes)}
-    chunk_fwd.update({n: C for n in chunk_shapes}, DOT_PREC=C)
-    chunk_bwd = {n: t for n, t in bwd.items() if n not in ("scratch", "ckpt_every", *shapes)}
-    chunk_bwd.update({n: C for n in chunk_shapes}, DOT_PREC=C)
-    chunk_bwd32 = dict(chunk_bwd, q=P("fp32"), k=P("fp32"), v=P("fp32"), beta=P("fp32"), do=P("fp32"), dv=P("fp32"))
+    chunk_fwd.update(Tb=P("fp32"), Wb=P("fp32"), **{n: C for n in chunk_shapes}, DOT_PREC=C, PREPARED=C)
+    flags = dict(VARLEN=C, L2NORM=C, DOT_PREC=C)
+    prep = dict(k=P("bf16"), g=P("fp32"), beta=P("bf16"), Tb=P("fp32"), Wb=P("fp32"), cu_seqlens=P("i32"), T="i32",
+                eps="fp32", n_ckpt="i32", HK=C, HV=C, K=C, BT=C, BK=C, **flags)
+    dh = dict(q=P("bf16"), k=P("bf16"), g=P("fp32"), do=P("bf16"), dht=P("fp32"), Wb=P("fp32"), dh=P("fp32"),
+              cu_seqlens=P("i32"), T="i32", scale="fp32", eps="fp32", n_ckpt="i32", **{n: C for n in chunk_shapes},
+              USE_DHT=C, **flags)
+    chunk_bwd = dict(q=P("fp32"), k=P("fp32"), v=P("fp32"), g=P("fp32"), beta=P("fp32"), ckpt=P("fp32"),
+                     dh=P("fp32"), Tb=P("fp32"), Wb=P("fp32"), do=P("fp32"), dq_part=P("fp32"), dk_part=P("fp32"),
+                     dv=P("fp32"), dg_part=P("fp32"), dbeta_part=P("fp32"), cu_seqlens=P("i64"), T="i32", NT="i32",
+                     scale="fp32", eps="fp32", n_ckpt="i32", **{n: C for n in chunk_shapes}, **flags)
+    no_v = {n: v for n, v in chunk_shapes.items() if n not in ("V", "BV")}
+    NW = gdn_chunk.NUM_WARPS
     try:
-        # the chunked kernels are slow to compile: one of each, covering both dot precisions
+        # the chunked kernels: both forward variants and the three backward kernels, both dot precisions
         compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
                     dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True,
-                         DOT_PREC="tf32"))
-        compile_one(gdn_chunk._chunk_delta_rule_bwd_kernel, chunk_bwd32,
-                    dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32x3"))
+                         DOT_PREC="tf32", PREPARED=True), num_warps=NW)
+        compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
+                    dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=False, VARLEN=False, L2NORM=True,
+                         DOT_PREC="tf32", PREPARED=False), num_warps=NW)
+        compile_one(gdn_chunk._chunk_prepare_kernel, prep, dict(no_v, VARLEN=True, L2NORM=True, DOT_PREC="tf32"),
+                    num_warps=NW)
+        compile_one(gdn_chunk._chunk_bwd_dh_kernel, dh,
+                    dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32"), num_warps=NW)
+        compile_one(gdn_chunk._chunk_bwd_kernel, chunk_bwd,
+                    dict(chunk_shapes, VARLEN=False, L2NORM=True, DOT_PREC="tf32x3"), num_warps=NW)
         compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,
                     dict(shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True))
         compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,

@@ -21,4 +21,4 @@ def test_gdn_kernels_compile_for_sm90():
     if proc.returncode == 3:
         pytest.skip(f"this Triton cannot compile for CUDA here: {proc.stdout.strip()[-300:]}")
     assert proc.returncode == 0, f"compile failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    assert proc.stdout.count("compiled for sm_90") == 8, proc.stdout
+    assert proc.stdout.count("compiled for sm_90") == 11, proc.stdout

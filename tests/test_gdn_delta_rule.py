@@ -180,10 +180,11 @@ def test_segment_no_grad_saves_no_checkpoints(monkeypatch):
     assert torch.equal(o_ng, o.detach()) and torch.equal(fs_ng, fs.detach())
 
 
-def test_segment_empty_batch_returns_the_state():
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_segment_empty_batch_returns_the_state(algorithm):
     """T = 0: o is empty, the final state is the initial state, and every gradient is zero."""
     x = make_inputs(2, 0, 1, 2, 16, 16, seed=15, device=DEVICE)
-    out = run_pipeline(x, gate, segment_delta_rule, torch.float32)
+    out = run_pipeline(x, gate, _delta(algorithm), torch.float32)
     assert torch.equal(out["final_state"], x["h0"])
     for name, like in (("o", "v"), ("dq", "q"), ("dk", "k"), ("dv", "v"), ("dg", "a"), ("dbeta", "b"), ("da", "a"),
                        ("db", "b")):
@@ -194,8 +195,9 @@ def test_segment_empty_batch_returns_the_state():
 
 def test_segment_auto_picks_chunk_for_long_segments(monkeypatch):
     """algorithm='auto': the chunked form from CHUNK_MIN_LEN tokens on, the recurrence below; bad names raise."""
-    from apollo_fast.gdn import delta_rule
     from apollo_fast.kernels import gdn_chunk, gdn_delta_rule
+
+    from apollo_fast.gdn import delta_rule
 
     calls = []
     for mod, name, tag in ((gdn_chunk, "chunk_delta_rule_fwd", "chunk"),
