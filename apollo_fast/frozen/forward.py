@@ -1,8 +1,8 @@
 """The layer-by-layer forward of a token block after an optional frozen context (shared by encode and segment).
 
-The context's tensors are only read: attention concatenates the frozen keys/values in front of the
-block's own, GDN layers start their causal conv from the frozen prefix and the delta rule from the frozen
-state. So the block is differentiable w.r.t. the model's parameters and never w.r.t. the context.
+The context's tensors are only read: attention reads the frozen keys/values in place before the block's
+own (apollo_fast.frozen.attention), GDN layers start their causal conv from the frozen prefix and the delta
+rule from the frozen state. So the block is differentiable w.r.t. the model's parameters and never w.r.t. the context.
 """
 
 from __future__ import annotations
@@ -11,43 +11,15 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .adapters import AttentionAdapter, GDNAdapter, ModelParts, rotary_cos_sin
+from .attention import attend_after_context
 from .gdn_ops import causal_conv_with_prefix, delta_rule, gdn_gate
 
 __all__ = ["run_layers", "attend_after_context"]
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # attention: (k, v); GDN: (conv prefix, recurrent state)
-
-
-def attend_after_context(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    ctx_k: torch.Tensor | None,
-    ctx_v: torch.Tensor | None,
-    scaling: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Causal softmax attention of q [B, H, T, D] over frozen ctx_k/v [B|1, Hkv, Lc, D] then k, v [B, Hkv, T, D]."""
-    bsz, heads, t, d = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    if ctx_k is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scaling, dropout_p=dropout_p, enable_gqa=groups > 1
-        )
-    lc = ctx_k.shape[2]
-    k_all = torch.cat((ctx_k.expand(bsz, -1, -1, -1), k), dim=2)
-    v_all = torch.cat((ctx_v.expand(bsz, -1, -1, -1), v), dim=2)
-    # Fold the query heads of one KV group into the query rows so K/V are never repeated per head.
-    q_rows = q.reshape(bsz, kv_heads, groups * t, d)
-    row_pos = torch.arange(t, device=q.device).repeat(groups) + lc
-    mask = torch.arange(lc + t, device=q.device)[None, :] <= row_pos[:, None]
-    o = F.scaled_dot_product_attention(q_rows, k_all, v_all, attn_mask=mask, scale=scaling, dropout_p=dropout_p)
-    return o.reshape(bsz, heads, t, d)
 
 
 def _attention_mixer(

@@ -20,7 +20,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["frozen_context_logits_ref", "frozen_context_loss_ref"]
+__all__ = ["attend_after_context_ref", "frozen_context_logits_ref", "frozen_context_loss_ref"]
+
+
+def attend_after_context_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx_k: torch.Tensor | None,
+    ctx_v: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """apollo_fast.frozen.attend_after_context by concatenation: q [B, H, T, D] over [ctx_k | k], [ctx_v | v].
+
+    The context [B|1, Hkv, Lc, D] is expanded and copied in front of the segment's k, v [B, Hkv, T, D] and SDPA
+    runs with a boolean mask (query t sees the Lc context keys and segment keys 0..t). Memory grows with
+    B x Lc; kept as the plain specification of the frozen-context attention.
+    """
+    bsz, heads, t, d = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    if ctx_k is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scaling, dropout_p=dropout_p, enable_gqa=groups > 1
+        )
+    lc = ctx_k.shape[2]
+    k_all = torch.cat((ctx_k.expand(bsz, -1, -1, -1), k), dim=2)
+    v_all = torch.cat((ctx_v.expand(bsz, -1, -1, -1), v), dim=2)
+    # Fold the query heads of one KV group into the query rows so K/V are never repeated per head.
+    q_rows = q.reshape(bsz, kv_heads, groups * t, d)
+    row_pos = torch.arange(t, device=q.device).repeat(groups) + lc
+    mask = torch.arange(lc + t, device=q.device)[None, :] <= row_pos[:, None]
+    o = F.scaled_dot_product_attention(q_rows, k_all, v_all, attn_mask=mask, scale=scaling, dropout_p=dropout_p)
+    return o.reshape(bsz, heads, t, d)
 
 
 def _stop_context(x: torch.Tensor, lc: int, dim: int, enabled: bool) -> torch.Tensor:
