@@ -336,7 +336,12 @@ def _chunk_bwd_kernel(
         tl.store(dbeta_part + tok, b_dbeta, mask=mt)
 
 
-NUM_WARPS = 8  # the tiles are large ([64, 128] fp32): with 4 warps ptxas spills 2-3x more (sm_90, BT=64, K=128)
+NUM_WARPS = 8  # the tiles are large ([32|64, 128] fp32): with 4 warps ptxas spills more (sm_90, K=128)
+NUM_STAGES = 1  # software pipelining of the chunk loop would buffer [64, 128] tiles beyond sm_90's 227 KiB
+# Left to itself, ptxas (CUDA 13.4, sm_90) gave _chunk_bwd_kernel 32 registers and a 13 KB stack; capped at 255
+# it uses them all and spills half as much.
+MAX_REGISTERS = 255
+_LAUNCH = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -365,7 +370,7 @@ def _prepare(
     Wb = _empty(n_seq, HV, n_ckpt, chunk, K, dtype=torch.float32, device=k.device)
     _chunk_prepare_kernel[(n_ckpt, n_seq * HV)](
         k, g, beta, Tb, Wb, cu_seqlens, T, eps, n_ckpt, HK=HK, HV=HV, K=K, BT=chunk,
-        BK=_block_sizes(K, 16)[0], VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, num_warps=NUM_WARPS,
+        BK=_block_sizes(K, 16)[0], VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, **_LAUNCH,
     )
     return Tb, Wb
 
@@ -396,7 +401,7 @@ def chunk_delta_rule_fwd(
         T, scale, eps, n_ckpt, h0_stride,
         HK=HK, HV=HV, K=K, V=V, BT=chunk, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=store_ht,
         SAVE_CKPT=save_ckpt, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, PREPARED=save_ckpt,
-        num_warps=NUM_WARPS,
+        **_LAUNCH,
     )
     return o, ht, ckpt
 
@@ -417,7 +422,7 @@ def chunk_delta_rule_bwd(
     dev = q.device
     prec = _dot_precision(q.dtype)
     meta = dict(HK=HK, HV=HV, K=K, BT=chunk, BK=BK, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec,
-                num_warps=NUM_WARPS)
+                **_LAUNCH)
     Tb, Wb = _prepare(k, g, beta, cu_seqlens, n_seq, n_ckpt, eps, l2norm, chunk, prec)
     dh = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=dev)
     _chunk_bwd_dh_kernel[(NV, n_seq * HV)](

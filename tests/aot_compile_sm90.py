@@ -1,6 +1,7 @@
-"""Compile the GDN kernels for Hopper (sm_90) without a GPU: catches compiled-mode errors the interpreter misses.
+"""Compile the GDN and frozen-attention kernels for Hopper (sm_90) without a GPU: catches compiled-mode errors
+the interpreter misses, and shared memory beyond what an H100 block may use.
 
-Run as a script with TRITON_INTERPRET=0 (tests/test_gdn_compile.py does). Prints one line per kernel; exit 3
+Run as a script with TRITON_INTERPRET=0 (tests/test_kernels_compile.py does). Prints one line per kernel; exit 3
 when this Triton cannot compile for CUDA here (no CUDA backend or ptxas).
 """
 
@@ -21,17 +22,48 @@ except ImportError as err:
     print(f"cannot compile ahead of time with triton {triton.__version__}: {err}")
     sys.exit(3)
 
-from apollo_fast.kernels import gdn_chunk, gdn_delta_rule, gdn_gate  # noqa: E402
+import torch  # noqa: E402
+from apollo_fast.kernels import frozen_attention, gdn_chunk, gdn_delta_rule, gdn_gate  # noqa: E402
+
+from apollo_fast.gdn.delta_rule import CHUNK_SIZE  # noqa: E402
 
 P = lambda dt: "*" + dt
 C = "constexpr"
 
 
-def compile_one(fn, signature, constexprs, num_warps=4) -> None:
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    spills = ".local" in kernel.asm["ptx"]
-    print(f"{fn.__name__} {constexprs} compiled for sm_90; local memory in PTX: {spills}")
+MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90 (227 KiB)
+
+
+def compile_one(fn, signature, constexprs, num_warps=4, num_stages=3, **options) -> None:
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages, **options))
+    shared = kernel.metadata.shared
+    if shared > MAX_SHARED:
+        raise ValueError(f"{fn.__name__} {constexprs}: {shared} bytes of shared memory > {MAX_SHARED}")
+    print(f"{fn.__name__} {constexprs} compiled for sm_90; shared memory {shared} B")
+
+
+def compile_frozen_attention() -> None:
+    """Forward, dq and dk/dv kernels at Qwen3.5's attention head size (256) in bf16 and fp32, and 128 in bf16."""
+    fa = frozen_attention
+    strides = lambda names: {f"stride_{a}{b}": "i64" for a in names for b in "bht"}
+    for D, dt in ((256, "bf16"), (128, "bf16"), (256, "fp32")):
+        cfg = fa._config(D, torch.bfloat16 if dt == "bf16" else torch.float32)
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        blocks = {n: C for n in cfg}
+        ctx_args = dict(T="i32", Lc="i32", scale="fp32", HKV=C, G=C, D=C, HAS_CTX=C, **blocks)
+        consts = dict(cfg, HKV=2, G=4, D=D, HAS_CTX=True)
+        compile_one(fa._frozen_attention_fwd_kernel,
+                    dict(Q=P(dt), K=P(dt), V=P(dt), CK=P(dt), CV=P(dt), O=P(dt), LSE=P("fp32"),
+                         **strides(("q", "k", "v", "ck", "cv")), **ctx_args), consts, **opts)
+        compile_one(fa._frozen_attention_bwd_dq_kernel,
+                    dict(Q=P(dt), K=P(dt), V=P(dt), CK=P(dt), CV=P(dt), DO=P(dt), LSE=P("fp32"), DELTA=P("fp32"),
+                         DQ=P(dt), **strides(("q", "k", "v", "ck", "cv")), **ctx_args), consts, **opts)
+        compile_one(fa._frozen_attention_bwd_dkdv_kernel,
+                    dict(Q=P(dt), K=P(dt), V=P(dt), DO=P(dt), LSE=P("fp32"), DELTA=P("fp32"), DK=P(dt), DV=P(dt),
+                         **strides(("q", "k", "v")), T="i32", scale="fp32", HKV=C, G=C, D=C, **blocks),
+                    dict(cfg, HKV=2, G=4, D=D), **opts)
 
 
 def main() -> int:
@@ -51,7 +83,7 @@ def main() -> int:
                     da=P("bf16"), db=P("bf16"), dA_part=P("fp32"), dbias_part=P("fp32"), R="i32", T="i32",
                     rows_per_prog="i32", **{f"s{x}_{y}": "i32" for x in "abgd" for y in "bth"},
                     HV=C, BLOCK_R=C, BLOCK_H=C)
-    chunk_shapes = dict(HK=16, HV=48, K=128, V=128, BT=64, BK=128, BV=64)
+    chunk_shapes = dict(HK=16, HV=48, K=128, V=128, BT=CHUNK_SIZE, BK=128, BV=64)
     chunk_fwd = {n: t for n, t in fwd.items() if n not in ("ckpt_every", *shapes)}
     chunk_fwd.update(Tb=P("fp32"), Wb=P("fp32"), **{n: C for n in chunk_shapes}, DOT_PREC=C, PREPARED=C)
     flags = dict(VARLEN=C, L2NORM=C, DOT_PREC=C)
@@ -65,21 +97,24 @@ def main() -> int:
                      dv=P("fp32"), dg_part=P("fp32"), dbeta_part=P("fp32"), cu_seqlens=P("i64"), T="i32", NT="i32",
                      scale="fp32", eps="fp32", n_ckpt="i32", **{n: C for n in chunk_shapes}, **flags)
     no_v = {n: v for n, v in chunk_shapes.items() if n not in ("V", "BV")}
-    NW = gdn_chunk.NUM_WARPS
+    NW = dict(num_warps=gdn_chunk.NUM_WARPS, num_stages=gdn_chunk.NUM_STAGES, maxnreg=gdn_chunk.MAX_REGISTERS)
     try:
         # the chunked kernels: both forward variants and the three backward kernels, both dot precisions
         compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
                     dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True,
-                         DOT_PREC="tf32", PREPARED=True), num_warps=NW)
+                         DOT_PREC="tf32", PREPARED=True), **NW)
         compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
                     dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=False, VARLEN=False, L2NORM=True,
-                         DOT_PREC="tf32", PREPARED=False), num_warps=NW)
+                         DOT_PREC="tf32", PREPARED=False), **NW)
         compile_one(gdn_chunk._chunk_prepare_kernel, prep, dict(no_v, VARLEN=True, L2NORM=True, DOT_PREC="tf32"),
-                    num_warps=NW)
+                    **NW)
         compile_one(gdn_chunk._chunk_bwd_dh_kernel, dh,
-                    dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32"), num_warps=NW)
+                    dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32"), **NW)
         compile_one(gdn_chunk._chunk_bwd_kernel, chunk_bwd,
-                    dict(chunk_shapes, VARLEN=False, L2NORM=True, DOT_PREC="tf32x3"), num_warps=NW)
+                    dict(chunk_shapes, VARLEN=False, L2NORM=True, DOT_PREC="tf32x3"), **NW)
+        bf16 = {n: (P("bf16") if n in ("q", "k", "v", "beta", "do", "dv") else t) for n, t in chunk_bwd.items()}
+        compile_one(gdn_chunk._chunk_bwd_kernel, bf16, dict(chunk_shapes, VARLEN=True, L2NORM=True, DOT_PREC="tf32"),
+                    **NW)
         compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,
                     dict(shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True))
         compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,
@@ -91,6 +126,7 @@ def main() -> int:
         gates = dict(HV=48, BLOCK_R=gdn_gate.BLOCK_R, BLOCK_H=64)
         compile_one(gdn_gate._gdn_gate_fwd_kernel, gate_fwd, gates)
         compile_one(gdn_gate._gdn_gate_bwd_kernel, gate_bwd, gates)
+        compile_frozen_attention()
     except (RuntimeError, FileNotFoundError) as err:  # no CUDA backend / ptxas in this environment
         if "ptxas" in str(err) or "backend" in str(err).lower():
             print(f"cannot compile for CUDA here: {err}")
