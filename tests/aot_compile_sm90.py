@@ -99,17 +99,17 @@ def main() -> int:
     no_v = {n: v for n, v in chunk_shapes.items() if n not in ("V", "BV")}
     NW = dict(num_warps=gdn_chunk.NUM_WARPS, num_stages=gdn_chunk.NUM_STAGES, maxnreg=gdn_chunk.MAX_REGISTERS)
     try:
-        # the chunked kernels: both forward variants and the three backward kernels, both dot precisions
+        # the chunked kernels: both forward variants and the three backward kernels; tf32x3 (default) and tf32
         compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
                     dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True,
-                         DOT_PREC="tf32", PREPARED=True), **NW)
+                         DOT_PREC="tf32x3", PREPARED=True), **NW)
         compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
                     dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=False, VARLEN=False, L2NORM=True,
                          DOT_PREC="tf32", PREPARED=False), **NW)
-        compile_one(gdn_chunk._chunk_prepare_kernel, prep, dict(no_v, VARLEN=True, L2NORM=True, DOT_PREC="tf32"),
+        compile_one(gdn_chunk._chunk_prepare_kernel, prep, dict(no_v, VARLEN=True, L2NORM=True, DOT_PREC="tf32x3"),
                     **NW)
         compile_one(gdn_chunk._chunk_bwd_dh_kernel, dh,
-                    dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32"), **NW)
+                    dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32x3"), **NW)
         compile_one(gdn_chunk._chunk_bwd_kernel, chunk_bwd,
                     dict(chunk_shapes, VARLEN=False, L2NORM=True, DOT_PREC="tf32x3"), **NW)
         bf16 = {n: (P("bf16") if n in ("q", "k", "v", "beta", "do", "dv") else t) for n, t in chunk_bwd.items()}

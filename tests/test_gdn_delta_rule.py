@@ -241,3 +241,18 @@ def test_segment_near_identical_keys_full_beta_no_decay(algorithm):
     x["b"] = x["b"].abs() + 6  # beta ~ 1
     x["a"] = x["a"] - 8  # decay ~ 0
     _check_fp32(reference_fp64(x), run_pipeline(x, gate, _delta(algorithm), torch.float32))
+
+
+def test_chunk_dot_precision_env(monkeypatch):
+    """APOLLO_FAST_GDN_DOT_PRECISION picks the chunk kernels' product precision; a bad value is refused."""
+    from apollo_fast.kernels import gdn_chunk
+
+    x = make_inputs(1, 20, 1, 1, 16, 16, seed=19, device=DEVICE)
+    g, beta = gate(x["a"], x["b"], x["A_log"], x["dt_bias"])
+    monkeypatch.setenv(gdn_chunk.DOT_PRECISION_ENV, "ieee")
+    o, _ = segment_delta_rule(x["q"], x["k"], x["v"], g, beta, x["h0"], algorithm="chunk")
+    o_ref, _ = segment_delta_rule_ref(x["q"], x["k"], x["v"], g, beta, x["h0"])
+    assert_close("o (ieee products)", o_ref, o, FP32_RTOL)
+    monkeypatch.setenv(gdn_chunk.DOT_PRECISION_ENV, "fp8")
+    with pytest.raises(ValueError, match=gdn_chunk.DOT_PRECISION_ENV):
+        segment_delta_rule(x["q"], x["k"], x["v"], g, beta, x["h0"], algorithm="chunk")
