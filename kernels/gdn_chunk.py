@@ -8,8 +8,8 @@ decay G_i = sum_{j<=i} g_j; D_ij = exp(G_i - G_j) for j <= i; e_j = exp(G_C - G_
     O = diag(exp(G)) Q S + (D * Q K^T) U
     S <- exp(G_C) S + (diag(e) K)^T U
 G is summed and differenced in fp64 (|G| reaches thousands for large-decay heads, and fp32 differences
-of nearby G would spoil dA_log); everything else is fp32, the products on tensor cores in tf32x3 (fp32
-accuracy; APOLLO_FAST_GDN_DOT_PRECISION=tf32 trades it for speed).
+of nearby G would spoil dA_log); everything else is fp32, the products on tensor cores: tf32x3 (fp32 accuracy)
+for fp32 inputs, tf32 for bf16/fp16 (APOLLO_FAST_GDN_DOT_PRECISION overrides).
 The forward saves S at every chunk start when a backward will follow; the backward walks the chunks in
 reverse from those states and runs the adjoint of the block above. dq, dk, dg and dbeta are partial sums
 over this V-block; the caller adds them over V-blocks and grouped heads in a fixed order (deterministic).
@@ -269,47 +269,55 @@ def _chunk_bwd_kernel(
         base = i_nh * n_ckpt + c
         S0 = tl.load(ckpt + base * K * V + kv_off, mask=mkv, other=0.0)
         dS = tl.load(dh + base * K * V + kv_off, mask=mkv, other=0.0)
-        b_qn, rq = _load_normed(q, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
-        b_k, rk = _load_normed(k, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
         b_g, b_beta = _load_gates(g, beta, t0, n_valid, i_h, rt, HV)
         b_v = _load_rows(v, t0, n_valid, i_h, rt, ov, mv, HV, V)
         b_do = _load_rows(do, t0, n_valid, i_h, rt, ov, mv, HV, V)
-        b_q = b_qn * scale
+        b_k, rk = _load_normed(k, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
         Tm = tl.load(Tb + base * BT * BT + rt[:, None] * BT + rt[None, :])
-        W = tl.load(Wb + base * BT * K + rt[:, None] * K + ok[None, :], mask=mk[None, :], other=0.0)
         D, eG, e, eG_last = _decays(b_g, rt)
-        kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
+        rows = t0 + rt
+        tok = i_v.to(tl.int64) * NT * HV + rows * HV + i_h  # partial outputs: [NV, B*T, HV, ...]
+        mqk = mt[:, None] & mk[None, :]
+        # The order below retires [BT, K] tiles early (q and dq first, then W), so fewer are live at once.
+        W = tl.load(Wb + base * BT * K + rt[:, None] * K + ok[None, :], mask=mk[None, :], other=0.0)
         U = tl.dot(Tm, b_beta[:, None] * b_v, input_precision=DOT_PREC) - tl.dot(W, S0, input_precision=DOT_PREC)
+        # Adjoint of O = diag(exp(G)) Q S0 + M U, M = D * Q K^T, and S1 = exp(G_C) S0 + (diag(e) K)^T U.
+        # dgam_i = dL/dexp(G_i) exp(G_i); tau_ij = dL/dD_ij D_ij (j < i), the decays' gradients (see below).
+        b_qn, rq = _load_normed(q, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        b_q = b_qn * scale
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
-        M = D * qk
-        # adjoint of S1 = exp(G_C) S0 + (diag(e) K)^T U and O = diag(exp(G)) Q S0 + M U; dgam_i = dL/dexp(G_i)
-        # exp(G_i), tau_ij = dL/dD_ij D_ij (j < i)
-        dU = tl.dot(tl.trans(M), b_do, input_precision=DOT_PREC) + tl.dot(b_k * e[:, None], dS,
-                                                                          input_precision=DOT_PREC)
-        dke = tl.dot(U, tl.trans(dS), input_precision=DOT_PREC)
-        b_dk = e[:, None] * dke
-        # e_j = D_{C,j}: its decay term joins tau's last row
-        tau = tl.where(rt[:, None] == BT - 1, (tl.sum(dke * b_k, 1) * e)[None, :], 0.0)
-        dgam_last = eG_last * tl.sum(tl.sum(dS * S0, 1), 0)
-        dgam = eG * tl.sum(b_do * tl.dot(b_q, S0, input_precision=DOT_PREC), 1)
-        b_dq = eG[:, None] * tl.dot(b_do, tl.trans(S0), input_precision=DOT_PREC)
+        dU = tl.dot(tl.trans(D * qk), b_do, input_precision=DOT_PREC) + tl.dot(b_k * e[:, None], dS,
+                                                                               input_precision=DOT_PREC)
         dqk = D * tl.dot(b_do, tl.trans(U), input_precision=DOT_PREC)
-        b_dq += tl.dot(dqk, b_k, input_precision=DOT_PREC)
-        b_dk += tl.dot(tl.trans(dqk), b_q, input_precision=DOT_PREC)
-        tau += dqk * qk
+        tau = dqk * qk
+        dgam = eG * tl.sum(b_do * tl.dot(b_q, S0, input_precision=DOT_PREC), 1)
+        b_dk = tl.dot(tl.trans(dqk), b_q, input_precision=DOT_PREC)
+        b_dq = eG[:, None] * tl.dot(b_do, tl.trans(S0), input_precision=DOT_PREC) + tl.dot(dqk, b_k,
+                                                                                          input_precision=DOT_PREC)
+        b_dq = b_dq * scale  # through the scale and x * rsqrt(|x|^2 + eps): dx = r (dy - y (y . dy))
+        if L2NORM:
+            b_dq = rq[:, None] * (b_dq - b_qn * tl.sum(b_qn * b_dq, 1)[:, None])
+        tl.store(dq_part + tok[:, None] * K + ok[None, :], b_dq, mask=mqk)
+        dke = tl.dot(U, tl.trans(dS), input_precision=DOT_PREC)
+        b_dk += e[:, None] * dke
+        tau += tl.where(rt[:, None] == BT - 1, (tl.sum(dke * b_k, 1) * e)[None, :], 0.0)  # e_j = D_{C,j}
+        dgam_last = eG_last * tl.sum(tl.sum(dS * S0, 1), 0)
         # adjoint of U = T diag(beta) V - W S0 and W = T diag(beta exp(G)) K
         dW = -tl.dot(dU, tl.trans(S0), input_precision=DOT_PREC)
+        dXU = tl.dot(tl.trans(Tm), dU, input_precision=DOT_PREC)
+        tl.store(dv + (rows[:, None] * HV + i_h) * V + ov[None, :], (b_beta[:, None] * dXU).to(dv.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+        b_dbeta = tl.sum(dXU * b_v, 1)
         dT = tl.dot(dW, tl.trans((b_beta * eG)[:, None] * b_k), input_precision=DOT_PREC) + tl.dot(
             dU, tl.trans(b_beta[:, None] * b_v), input_precision=DOT_PREC)
         dXW = tl.dot(tl.trans(Tm), dW, input_precision=DOT_PREC)
-        dXU = tl.dot(tl.trans(Tm), dU, input_precision=DOT_PREC)
-        b_dv = b_beta[:, None] * dXU
         t2 = tl.sum(dXW * b_k, 1)
-        b_dbeta = tl.sum(dXU * b_v, 1) + eG * t2
+        b_dbeta += eG * t2
         dgam += b_beta * eG * t2
         b_dk += (b_beta * eG)[:, None] * dXW
         # adjoint of T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part; A = beta_i D_ij k_i.k_j
         dA = -tl.dot(tl.trans(Tm), tl.dot(dT, tl.trans(Tm), input_precision=DOT_PREC), input_precision=DOT_PREC)
+        kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
         t3 = tl.where(strict, dA * D * kk, 0.0)
         b_dbeta += tl.sum(t3, 1)
         dkk = tl.where(strict, dA * D, 0.0) * b_beta[:, None]
@@ -322,18 +330,9 @@ def _chunk_bwd_kernel(
         # costs large-decay heads their dA_log accuracy.
         tau_rows = tl.dot(tau, (rt[:, None] < rt[None, :]).to(tl.float32), input_precision=DOT_PREC)
         b_dg = tl.sum(tl.where(incl, dgam[:, None] + tau_rows, 0.0), 0) + dgam_last
-        # through the scale and x * rsqrt(|x|^2 + eps): dx = r (dy - y (y . dy))
-        b_dq = b_dq * scale
         if L2NORM:
-            b_dq = rq[:, None] * (b_dq - b_qn * tl.sum(b_qn * b_dq, 1)[:, None])
             b_dk = rk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])
-        rows = t0 + rt
-        tok = i_v.to(tl.int64) * NT * HV + rows * HV + i_h  # partial outputs: [NV, B*T, HV, ...]
-        mqk = mt[:, None] & mk[None, :]
-        tl.store(dq_part + tok[:, None] * K + ok[None, :], b_dq, mask=mqk)
         tl.store(dk_part + tok[:, None] * K + ok[None, :], b_dk, mask=mqk)
-        tl.store(dv + (rows[:, None] * HV + i_h) * V + ov[None, :], b_dv.to(dv.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
         tl.store(dg_part + tok, b_dg, mask=mt)
         tl.store(dbeta_part + tok, b_dbeta, mask=mt)
 
@@ -360,10 +359,11 @@ def _block_sizes(K: int, V: int) -> tuple[int, int]:
 DOT_PRECISION_ENV = "APOLLO_FAST_GDN_DOT_PRECISION"
 
 
-def _dot_precision() -> str:
-    """tf32x3 (default) keeps the chunk's products at fp32 accuracy whatever the input dtype, as the bf16 bound
-    of the tests asks (PyTorch's own bf16 error: fp32 math on bf16 inputs); tf32 is faster and ~1e-3 coarser."""
-    prec = os.environ.get(DOT_PRECISION_ENV, "tf32x3")
+def _dot_precision(dtype: torch.dtype) -> str:
+    """Unset env: tf32x3 for fp32 inputs (fp32 accuracy), tf32 for bf16/fp16 inputs (their own rounding is
+    coarser, and tf32x3 more than doubles the backward's register spills: 17 vs 7.5 KB per thread, sm_90,
+    Triton 3.6). The env value, when set, applies to every dtype."""
+    prec = os.environ.get(DOT_PRECISION_ENV) or ("tf32x3" if dtype == torch.float32 else "tf32")
     if prec not in ("tf32x3", "tf32", "ieee"):
         raise ValueError(f"{DOT_PRECISION_ENV}={prec!r}: use tf32x3, tf32 or ieee")
     return prec
@@ -400,7 +400,7 @@ def chunk_delta_rule_fwd(
     ht = _empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
     ckpt = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
     h0_stride = 0 if h0 is None or h0.shape[0] == 1 else HV * K * V
-    prec = _dot_precision()
+    prec = _dot_precision(q.dtype)
     # Training: T and W of every chunk in parallel first (the sequential kernel gets lighter). Inference (no
     # backward, possibly a context of many thousand tokens): all in one kernel, no [chunks, ...] buffers.
     Tb = Wb = None
@@ -430,7 +430,7 @@ def chunk_delta_rule_bwd(
     NV = triton.cdiv(V, BV)
     n_ckpt = ckpt.shape[2]
     dev = q.device
-    prec = _dot_precision()
+    prec = _dot_precision(q.dtype)
     meta = dict(HK=HK, HV=HV, K=K, BT=chunk, BK=BK, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec,
                 **_LAUNCH)
     Tb, Wb = _prepare(k, g, beta, cu_seqlens, n_seq, n_ckpt, eps, l2norm, chunk, prec)

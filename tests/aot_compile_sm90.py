@@ -99,7 +99,7 @@ def main() -> int:
     no_v = {n: v for n, v in chunk_shapes.items() if n not in ("V", "BV")}
     NW = dict(num_warps=gdn_chunk.NUM_WARPS, num_stages=gdn_chunk.NUM_STAGES, maxnreg=gdn_chunk.MAX_REGISTERS)
     try:
-        # the chunked kernels: both forward variants and the three backward kernels; tf32x3 (default) and tf32
+        # the chunked kernels: both forward variants and the three backward kernels; tf32x3 (fp32) and tf32 (bf16)
         compile_one(gdn_chunk._chunk_delta_rule_fwd_kernel, chunk_fwd,
                     dict(chunk_shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True,
                          DOT_PREC="tf32x3", PREPARED=True), **NW)
