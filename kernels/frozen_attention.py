@@ -235,18 +235,23 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 def _config(D: int, dtype: torch.dtype) -> dict[str, int | str]:
     """Block sizes and launch options shared by the kernels (tests shrink the blocks to cover multi-tile loops).
 
-    Untuned starting points: BLOCK_M x BLOCK_N tiles of 64 x 64 up to D = 128, halved along the keys for
-    larger heads and again for 4-byte inputs, so the double-buffered K/V tiles fit in shared memory.
+    Picked without a GPU, by register spills (Triton 3.6, sm_90, cuobjdump): at D = 256 bf16, 64 x 32 tiles
+    with 8 warps spilled 1.3-1.7 KB per thread in the forward and dq kernels, 32 x 32 with 4 warps 0.1-0.2 KB;
+    at D = 128 bf16, 64 x 64 with 4 warps spilled 2 KB, 64 x 32 with 8 warps 0.1-0.3 KB. fp32 halves the keys.
     """
     wide = D > 128
     big = dtype.itemsize >= 4
+    if wide:
+        block_m, block_n, warps = (32, 16, 8) if big else (32, 32, 4)
+    else:
+        block_m, block_n, warps = (64, 32, 4) if big else (64, 32, 8)
     return dict(
-        BLOCK_M=32 if (wide and big) else 64,
-        BLOCK_N=16 if (wide and big) else (32 if wide or big else 64),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=8 if wide else 4,
-        num_stages=2 if wide else 3,
+        num_warps=warps,
+        num_stages=2,
     )
 
 
