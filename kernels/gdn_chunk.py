@@ -237,17 +237,19 @@ def _chunk_bwd_dh_kernel(
 
 @triton.jit
 def _chunk_bwd_kernel(
-    q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
-    T, NT, scale, eps, n_ckpt,
+    q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_out, dk_out, dv, dg_out, dbeta_out, cu_seqlens,
+    T, scale, eps, n_ckpt,
     HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """The parallel part of the backward, per (V-block, chunk, head): every gradient of one chunk from the state
-    at its start (saved by the forward) and dL/dS at its end (from _chunk_bwd_dh_kernel)."""
-    NV: tl.constexpr = (V + BV - 1) // BV
-    i_v = tl.program_id(0) % NV
-    c = tl.program_id(0) // NV
+    """The parallel part of the backward, per (chunk, value head): every gradient of one chunk from the state at its
+    start (saved by the forward) and dL/dS at its end (from _chunk_bwd_dh_kernel).
+
+    A loop over V-blocks accumulates the V-sums the K side needs, so the K side is computed once and complete:
+        P1 = dO S0^T, P2 = U dS^T, dW = -dU S0^T  [BT, K];  dO U^T, dU (diag(beta) V)^T  [BT, BT].
+    """
+    c = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     i_n = i_nh // HV
     i_h = i_nh % HV
@@ -257,59 +259,70 @@ def _chunk_bwd_kernel(
     if t0 < eos:
         rt = tl.arange(0, BT)
         ok = tl.arange(0, BK)
-        ov = i_v * BV + tl.arange(0, BV)
         mk = ok < K
-        mv = ov < V
-        mkv = mk[:, None] & mv[None, :]
-        kv_off = ok[:, None] * V + ov[None, :]
         strict = rt[:, None] > rt[None, :]
         incl = rt[:, None] >= rt[None, :]
         n_valid = eos - t0
         mt = rt < n_valid
-        base = i_nh * n_ckpt + c
-        S0 = tl.load(ckpt + base * K * V + kv_off, mask=mkv, other=0.0)
-        dS = tl.load(dh + base * K * V + kv_off, mask=mkv, other=0.0)
-        b_g, b_beta = _load_gates(g, beta, t0, n_valid, i_h, rt, HV)
-        b_v = _load_rows(v, t0, n_valid, i_h, rt, ov, mv, HV, V)
-        b_do = _load_rows(do, t0, n_valid, i_h, rt, ov, mv, HV, V)
-        b_k, rk = _load_normed(k, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
-        Tm = tl.load(Tb + base * BT * BT + rt[:, None] * BT + rt[None, :])
-        D, eG, e, eG_last = _decays(b_g, rt)
         rows = t0 + rt
-        tok = i_v.to(tl.int64) * NT * HV + rows * HV + i_h  # partial outputs: [NV, B*T, HV, ...]
-        mqk = mt[:, None] & mk[None, :]
-        # The order below retires [BT, K] tiles early (q and dq first, then W), so fewer are live at once.
+        base = i_nh * n_ckpt + c
+        b_g, b_beta = _load_gates(g, beta, t0, n_valid, i_h, rt, HV)
+        D, eG, e, eG_last = _decays(b_g, rt)
+        k0, _ = _load_normed(k, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        q0, _ = _load_normed(q, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
+        qk = tl.dot(q0 * scale, tl.trans(k0), input_precision=DOT_PREC)
+        Tm = tl.load(Tb + base * BT * BT + rt[:, None] * BT + rt[None, :])
         W = tl.load(Wb + base * BT * K + rt[:, None] * K + ok[None, :], mask=mk[None, :], other=0.0)
-        U = tl.dot(Tm, b_beta[:, None] * b_v, input_precision=DOT_PREC) - tl.dot(W, S0, input_precision=DOT_PREC)
-        # Adjoint of O = diag(exp(G)) Q S0 + M U, M = D * Q K^T, and S1 = exp(G_C) S0 + (diag(e) K)^T U.
-        # dgam_i = dL/dexp(G_i) exp(G_i); tau_ij = dL/dD_ij D_ij (j < i), the decays' gradients (see below).
+        ke = k0 * e[:, None]
+        P1 = tl.zeros([BT, BK], dtype=tl.float32)
+        P2 = tl.zeros([BT, BK], dtype=tl.float32)
+        dW = tl.zeros([BT, BK], dtype=tl.float32)
+        dqk = tl.zeros([BT, BT], dtype=tl.float32)
+        dT = tl.zeros([BT, BT], dtype=tl.float32)
+        b_dbeta = tl.zeros([BT], dtype=tl.float32)
+        dS_S0 = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            ov = i_v * BV + tl.arange(0, BV)
+            mv = ov < V
+            mkv = mk[:, None] & mv[None, :]
+            kv_off = ok[:, None] * V + ov[None, :]
+            S0 = tl.load(ckpt + base * K * V + kv_off, mask=mkv, other=0.0)
+            dS = tl.load(dh + base * K * V + kv_off, mask=mkv, other=0.0)
+            b_v = _load_rows(v, t0, n_valid, i_h, rt, ov, mv, HV, V)
+            b_do = _load_rows(do, t0, n_valid, i_h, rt, ov, mv, HV, V)
+            bv = b_beta[:, None] * b_v
+            U = tl.dot(Tm, bv, input_precision=DOT_PREC) - tl.dot(W, S0, input_precision=DOT_PREC)
+            # adjoint of O = diag(exp(G)) Q S0 + M U (M = D * Q K^T) and S1 = exp(G_C) S0 + (diag(e) K)^T U
+            dU = tl.dot(tl.trans(D * qk), b_do, input_precision=DOT_PREC) + tl.dot(ke, dS, input_precision=DOT_PREC)
+            P1 += tl.dot(b_do, tl.trans(S0), input_precision=DOT_PREC)
+            P2 += tl.dot(U, tl.trans(dS), input_precision=DOT_PREC)
+            dW -= tl.dot(dU, tl.trans(S0), input_precision=DOT_PREC)
+            dqk += tl.dot(b_do, tl.trans(U), input_precision=DOT_PREC)
+            dT += tl.dot(dU, tl.trans(bv), input_precision=DOT_PREC)
+            # adjoint of U = T diag(beta) V - W S0 on this V-block: dv and dbeta's V part
+            dXU = tl.dot(tl.trans(Tm), dU, input_precision=DOT_PREC)
+            tl.store(dv + (rows[:, None] * HV + i_h) * V + ov[None, :],
+                     (b_beta[:, None] * dXU).to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            b_dbeta += tl.sum(dXU * b_v, 1)
+            dS_S0 += tl.sum(dS * S0, 1)
+        # The K side. dgam_i = dL/dexp(G_i) exp(G_i); tau_ij = dL/dD_ij D_ij (j < i), the decays' gradients.
+        # q and k are loaded again (L2 hits) rather than held through the loop: fewer live registers there.
+        b_k, rk = _load_normed(k, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
         b_qn, rq = _load_normed(q, t0, n_valid, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
         b_q = b_qn * scale
-        qk = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
-        dU = tl.dot(tl.trans(D * qk), b_do, input_precision=DOT_PREC) + tl.dot(b_k * e[:, None], dS,
-                                                                               input_precision=DOT_PREC)
-        dqk = D * tl.dot(b_do, tl.trans(U), input_precision=DOT_PREC)
-        tau = dqk * qk
-        dgam = eG * tl.sum(b_do * tl.dot(b_q, S0, input_precision=DOT_PREC), 1)
-        b_dk = tl.dot(tl.trans(dqk), b_q, input_precision=DOT_PREC)
-        b_dq = eG[:, None] * tl.dot(b_do, tl.trans(S0), input_precision=DOT_PREC) + tl.dot(dqk, b_k,
-                                                                                          input_precision=DOT_PREC)
-        b_dq = b_dq * scale  # through the scale and x * rsqrt(|x|^2 + eps): dx = r (dy - y (y . dy))
-        if L2NORM:
+        dqk = D * dqk
+        tau = dqk * qk + tl.where(rt[:, None] == BT - 1, (tl.sum(P2 * b_k, 1) * e)[None, :], 0.0)  # e_j = D_{C,j}
+        b_dk = tl.dot(tl.trans(dqk), b_q, input_precision=DOT_PREC) + e[:, None] * P2
+        dgam = eG * tl.sum(P1 * b_q, 1)
+        dgam_last = eG_last * tl.sum(dS_S0, 0)
+        b_dq = (eG[:, None] * P1 + tl.dot(dqk, b_k, input_precision=DOT_PREC)) * scale
+        if L2NORM:  # through x * rsqrt(|x|^2 + eps): dx = r (dy - y (y . dy))
             b_dq = rq[:, None] * (b_dq - b_qn * tl.sum(b_qn * b_dq, 1)[:, None])
-        tl.store(dq_part + tok[:, None] * K + ok[None, :], b_dq, mask=mqk)
-        dke = tl.dot(U, tl.trans(dS), input_precision=DOT_PREC)
-        b_dk += e[:, None] * dke
-        tau += tl.where(rt[:, None] == BT - 1, (tl.sum(dke * b_k, 1) * e)[None, :], 0.0)  # e_j = D_{C,j}
-        dgam_last = eG_last * tl.sum(tl.sum(dS * S0, 1), 0)
-        # adjoint of U = T diag(beta) V - W S0 and W = T diag(beta exp(G)) K
-        dW = -tl.dot(dU, tl.trans(S0), input_precision=DOT_PREC)
-        dXU = tl.dot(tl.trans(Tm), dU, input_precision=DOT_PREC)
-        tl.store(dv + (rows[:, None] * HV + i_h) * V + ov[None, :], (b_beta[:, None] * dXU).to(dv.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
-        b_dbeta = tl.sum(dXU * b_v, 1)
-        dT = tl.dot(dW, tl.trans((b_beta * eG)[:, None] * b_k), input_precision=DOT_PREC) + tl.dot(
-            dU, tl.trans(b_beta[:, None] * b_v), input_precision=DOT_PREC)
+        out = rows * HV + i_h
+        mqk = mt[:, None] & mk[None, :]
+        tl.store(dq_out + out[:, None] * K + ok[None, :], b_dq, mask=mqk)
+        # adjoint of W = T diag(beta exp(G)) K
+        dT += tl.dot(dW, tl.trans((b_beta * eG)[:, None] * b_k), input_precision=DOT_PREC)
         dXW = tl.dot(tl.trans(Tm), dW, input_precision=DOT_PREC)
         t2 = tl.sum(dXW * b_k, 1)
         b_dbeta += eG * t2
@@ -332,9 +345,9 @@ def _chunk_bwd_kernel(
         b_dg = tl.sum(tl.where(incl, dgam[:, None] + tau_rows, 0.0), 0) + dgam_last
         if L2NORM:
             b_dk = rk[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, 1)[:, None])
-        tl.store(dk_part + tok[:, None] * K + ok[None, :], b_dk, mask=mqk)
-        tl.store(dg_part + tok, b_dg, mask=mt)
-        tl.store(dbeta_part + tok, b_dbeta, mask=mt)
+        tl.store(dk_out + out[:, None] * K + ok[None, :], b_dk, mask=mqk)
+        tl.store(dg_out + out, b_dg, mask=mt)
+        tl.store(dbeta_out + out, b_dbeta, mask=mt)
 
 
 NUM_WARPS = 8  # the tiles are large ([32|64, 128] fp32): with 4 warps ptxas spills more (sm_90, K=128)
@@ -343,6 +356,7 @@ NUM_STAGES = 1  # software pipelining of the chunk loop would buffer [64, 128] t
 # it uses them all and spills half as much.
 MAX_REGISTERS = 255
 _LAUNCH = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
+BWD_BLOCK_V = 32  # the parallel backward walks V in blocks of 32: S0 and dL/dS tiles [K, 32] beside its sums
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -422,8 +436,8 @@ def chunk_delta_rule_bwd(
     n_seq: int, scale: float, eps: float, l2norm: bool, chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three launches: T and W per chunk (parallel), dL/dS at chunk ends (sequential over chunks), then every
-    chunk's gradients (parallel). -> partial dq, dk [NV, B, T, Hv, K] fp32 (already through the L2 norm, per value
-    head), dv [B, T, Hv, V] (v's dtype), partial dg, dbeta [NV, B, T, Hv] fp32."""
+    chunk's gradients (parallel). -> dq, dk [1, B, T, Hv, K] fp32 (already through the L2 norm, per value head),
+    dv [B, T, Hv, V] (v's dtype), dg, dbeta [1, B, T, Hv] fp32 (the leading 1: the caller's V-block sum)."""
     B, T, HK, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     BK, BV = _block_sizes(K, V)
@@ -438,13 +452,13 @@ def chunk_delta_rule_bwd(
     _chunk_bwd_dh_kernel[(NV, n_seq * HV)](
         q, k, g, do, dht, Wb, dh, cu_seqlens, T, scale, eps, n_ckpt, V=V, BV=BV, USE_DHT=dht is not None, **meta,
     )
-    dq_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
-    dk_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
+    dq_part = _empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
+    dk_part = _empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
     dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
-    dg_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
-    dbeta_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
-    _chunk_bwd_kernel[(NV * n_ckpt, n_seq * HV)](  # V-block fastest: a chunk's programs share its loads in L2
+    dg_part = _empty(1, B, T, HV, dtype=torch.float32, device=dev)
+    dbeta_part = _empty(1, B, T, HV, dtype=torch.float32, device=dev)
+    _chunk_bwd_kernel[(n_ckpt, n_seq * HV)](
         q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
-        T, B * T, scale, eps, n_ckpt, V=V, BV=BV, **meta,
+        T, scale, eps, n_ckpt, V=V, BV=BWD_BLOCK_V, **meta,
     )
     return dq_part, dk_part, dv, dg_part, dbeta_part

@@ -93,8 +93,8 @@ def main() -> int:
               cu_seqlens=P("i32"), T="i32", scale="fp32", eps="fp32", n_ckpt="i32", **{n: C for n in chunk_shapes},
               USE_DHT=C, **flags)
     chunk_bwd = dict(q=P("fp32"), k=P("fp32"), v=P("fp32"), g=P("fp32"), beta=P("fp32"), ckpt=P("fp32"),
-                     dh=P("fp32"), Tb=P("fp32"), Wb=P("fp32"), do=P("fp32"), dq_part=P("fp32"), dk_part=P("fp32"),
-                     dv=P("fp32"), dg_part=P("fp32"), dbeta_part=P("fp32"), cu_seqlens=P("i64"), T="i32", NT="i32",
+                     dh=P("fp32"), Tb=P("fp32"), Wb=P("fp32"), do=P("fp32"), dq_out=P("fp32"), dk_out=P("fp32"),
+                     dv=P("fp32"), dg_out=P("fp32"), dbeta_out=P("fp32"), cu_seqlens=P("i64"), T="i32",
                      scale="fp32", eps="fp32", n_ckpt="i32", **{n: C for n in chunk_shapes}, **flags)
     no_v = {n: v for n, v in chunk_shapes.items() if n not in ("V", "BV")}
     NW = dict(num_warps=gdn_chunk.NUM_WARPS, num_stages=gdn_chunk.NUM_STAGES, maxnreg=gdn_chunk.MAX_REGISTERS)
@@ -110,10 +110,11 @@ def main() -> int:
                     **NW)
         compile_one(gdn_chunk._chunk_bwd_dh_kernel, dh,
                     dict(chunk_shapes, USE_DHT=True, VARLEN=True, L2NORM=True, DOT_PREC="tf32x3"), **NW)
+        bwd_shapes = dict(chunk_shapes, BV=gdn_chunk.BWD_BLOCK_V)
         compile_one(gdn_chunk._chunk_bwd_kernel, chunk_bwd,
-                    dict(chunk_shapes, VARLEN=False, L2NORM=True, DOT_PREC="tf32x3"), **NW)
+                    dict(bwd_shapes, VARLEN=False, L2NORM=True, DOT_PREC="tf32x3"), **NW)
         bf16 = {n: (P("bf16") if n in ("q", "k", "v", "beta", "do", "dv") else t) for n, t in chunk_bwd.items()}
-        compile_one(gdn_chunk._chunk_bwd_kernel, bf16, dict(chunk_shapes, VARLEN=True, L2NORM=True, DOT_PREC="tf32"),
+        compile_one(gdn_chunk._chunk_bwd_kernel, bf16, dict(bwd_shapes, VARLEN=True, L2NORM=True, DOT_PREC="tf32"),
                     **NW)
         compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,
                     dict(shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True))
