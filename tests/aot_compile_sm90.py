@@ -83,7 +83,7 @@ def main() -> int:
                     da=P("bf16"), db=P("bf16"), dA_part=P("fp32"), dbias_part=P("fp32"), R="i32", T="i32",
                     rows_per_prog="i32", **{f"s{x}_{y}": "i32" for x in "abgd" for y in "bth"},
                     HV=C, BLOCK_R=C, BLOCK_H=C)
-    chunk_shapes = dict(HK=16, HV=48, K=128, V=128, BT=CHUNK_SIZE, BK=128, BV=64)
+    chunk_shapes = dict(HK=16, HV=48, K=128, V=128, BT=CHUNK_SIZE, BK=128, BV=32)
     chunk_fwd = {n: t for n, t in fwd.items() if n not in ("ckpt_every", *shapes)}
     chunk_fwd.update(Tb=P("fp32"), Wb=P("fp32"), **{n: C for n in chunk_shapes}, DOT_PREC=C, PREPARED=C)
     flags = dict(VARLEN=C, L2NORM=C, DOT_PREC=C)
