@@ -1,8 +1,7 @@
 """Gated delta rule over segments from a constant initial state: chunked (WY) forward and backward.
 
-One program per (segment, value head, V-block) walks the segment in chunks of BT tokens, holding the
-fp32 state tile S[K, BV]. Within a chunk (q, k L2-normalised in the kernel, q scaled; cumulative log
-decay G_i = sum_{j<=i} g_j; D_ij = exp(G_i - G_j) for j <= i; e_j = exp(G_C - G_j)):
+Within a chunk of BT tokens (q, k L2-normalised in the kernel, q scaled; cumulative log decay
+G_i = sum_{j<=i} g_j; D_ij = exp(G_i - G_j) for j <= i; e_j = exp(G_C - G_j)), from the state S at its start:
     A = strict_lower(beta_i D_ij k_i.k_j),  T = (I + A)^-1         (16x16 blocks, then a Neumann product)
     W = T diag(beta exp(G)) K,  U = T diag(beta) V - W S          (the chunk's delta-rule updates)
     O = diag(exp(G)) Q S + (D * Q K^T) U
@@ -10,10 +9,15 @@ decay G_i = sum_{j<=i} g_j; D_ij = exp(G_i - G_j) for j <= i; e_j = exp(G_C - G_
 G is summed and differenced in fp64 (|G| reaches thousands for large-decay heads, and fp32 differences
 of nearby G would spoil dA_log); everything else is fp32, the products on tensor cores: tf32x3 (fp32 accuracy)
 for fp32 inputs, tf32 for bf16/fp16 (APOLLO_FAST_GDN_DOT_PRECISION overrides).
-The forward saves S at every chunk start when a backward will follow; the backward walks the chunks in
-reverse from those states and runs the adjoint of the block above. dq, dk, dg and dbeta are partial sums
-over this V-block; the caller adds them over V-blocks and grouped heads in a fixed order (deterministic).
-Tensors are contiguous: q, k [B*T, Hk, K]; v, o [B*T, Hv, V]; g, beta [B*T, Hv].
+
+Kernels, in launch order:
+    _chunk_prepare_kernel          per (chunk, head), parallel: T and W (training forward and backward)
+    _chunk_delta_rule_fwd_kernel   per (segment, head, V-block), sequential over chunks: o, the final state,
+                                   and S at every chunk start when a backward will follow
+    _chunk_bwd_dh_kernel           per (segment, head, V-block), sequential in reverse: dL/dS at chunk ends
+    _chunk_bwd_kernel              per (chunk, head), parallel: every gradient of the chunk
+dq and dk come out per value head; the caller sums the value heads that share a key head in a fixed order
+(deterministic). Tensors are contiguous: q, k [B*T, Hk, K]; v, o [B*T, Hv, V]; g, beta [B*T, Hv].
 """
 
 from __future__ import annotations
