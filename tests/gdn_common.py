@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -13,7 +14,8 @@ NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "da", "db", "dA_lo
 
 def make_inputs(B, T, Hk, Hv, K, V, *, A_range=(0.01, 16.0), h0_batch=None, seed=0, device="cpu"):
     """Fresh random fp32 inputs; A = exp(A_log) spread log-uniformly over A_range across heads."""
-    gen = torch.Generator().manual_seed(seed)
+    # APOLLO_FAST_TEST_SEED shifts every seed (as in conftest), so a sweep draws fresh inputs here too
+    gen = torch.Generator().manual_seed(seed + 1_000_003 * int(os.environ.get("APOLLO_FAST_TEST_SEED", "0")))
     r = lambda *s: torch.randn(*s, generator=gen)
     A = torch.exp(torch.linspace(math.log(A_range[0]), math.log(A_range[1]), Hv))
     x = dict(
