@@ -1,7 +1,8 @@
 """Compile the GDN and frozen-attention kernels for Hopper (sm_90) without a GPU: catches compiled-mode errors
 the interpreter misses, and shared memory beyond what an H100 block may use.
 
-Run as a script with TRITON_INTERPRET=0 (tests/test_kernels_compile.py does). Prints one line per kernel; exit 3
+Run as a script with TRITON_INTERPRET=0 (tests/test_kernels_compile.py does); `--jobs FILE` compiles the
+launches recorded by tests/launch_recorder.py instead of the fixed list below. Prints one line per kernel; exit 3
 when this Triton cannot compile for CUDA here (no CUDA backend or ptxas).
 """
 
@@ -35,6 +36,7 @@ MAX_SHARED = 232448  # bytes of shared memory one block may opt into on sm_90 (2
 
 
 def compile_one(fn, signature, constexprs, num_warps=4, num_stages=3, **options) -> None:
+    fn = getattr(fn, "_kernel", fn)  # a launch_recorder proxy
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages, **options))
@@ -66,7 +68,31 @@ def compile_frozen_attention() -> None:
                     dict(cfg, HKV=2, G=4, D=D), **opts)
 
 
+def compile_jobs(path: str) -> None:
+    """Compile the launches recorded by launch_recorder (a JSON list of kernel/signature/constexprs/options)."""
+    import importlib
+    import json
+
+    import triton.language as tl
+
+    for job in json.loads(open(path).read()):
+        module, name = job["kernel"].rsplit(".", 1)
+        fn = getattr(importlib.import_module(module), name)
+        constexprs = {k: (tl.dtype(v[3:]) if isinstance(v, str) and v.startswith("tl.") else v)
+                      for k, v in job["constexprs"].items()}
+        compile_one(fn, job["signature"], constexprs, **job["options"])
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--jobs":
+        try:
+            compile_jobs(sys.argv[2])
+        except (RuntimeError, FileNotFoundError) as err:
+            if "ptxas" in str(err) or "backend" in str(err).lower():
+                print(f"cannot compile for CUDA here: {err}")
+                return 3
+            raise
+        return 0
     shapes = dict(HK=16, HV=48, K=128, V=128, BK=128, BV=32)
     fwd = dict(q=P("bf16"), k=P("bf16"), v=P("bf16"), g=P("fp32"), beta=P("bf16"), h0=P("fp32"), o=P("bf16"),
                ht=P("fp32"), ckpt=P("fp32"), cu_seqlens=P("i32"), T="i32", scale="fp32", eps="fp32",
