@@ -20,9 +20,8 @@ from apollo_fast import gdn
 from apollo_fast.frozen import attention, encode_context, gdn_ops, segment_logits, segment_loss
 from apollo_fast.reference.frozen_context import frozen_context_logits_ref, frozen_context_loss_ref
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="needs Triton to run"
-)
+# CPU tensors through Triton: only the interpreter runs them (on a GPU machine, the GPU tests cover this path)
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 RTOL = 2e-5  # fp32 gradients through the interpreted kernels vs the fp32 reference (measured 1.3e-6)
 CTX_LEN = 21
 
