@@ -1,8 +1,8 @@
 """GDN kernels benchmark: segment delta rule fwd+bwd (ours vs transformers' PyTorch fallback vs fla) and the gate.
 
 'ours' is segment_delta_rule's default (algorithm='auto': the chunked WY kernels from 16 tokens on);
-'recurrent' is our token-by-token kernel, timed beside it; 'ours tf32x3' is the default with tf32x3
-products instead of tf32 (APOLLO_FAST_GDN_DOT_PRECISION), the bf16 inputs' accuracy option.
+'recurrent' is our token-by-token kernel, timed beside it; 'ours tf32' is the default with plain tf32
+products instead of tf32x3 (APOLLO_FAST_GDN_DOT_PRECISION), the speed option.
 
 Qwen3.5 GDN shapes (16 key heads; 48 or 32 value heads of 128), bf16 inputs, a frozen fp32 initial state.
 Also the accuracy of d A_log / d dt_bias against the fp64 per-token reference (fp32 inputs, A in [0.01, 16]).
@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["ours"]["peak_mb"] = peak_mb(fwd_bwd(run_ours, x, g, beta, do), device)
                 if not args.no_recurrent:
                     row["recurrent"] = time_ms(fwd_bwd(run_recurrent, x, g, beta, do), device, args.warmup, args.reps)
-                with dot_precision("tf32x3"):
-                    row["ours_tf32x3"] = time_ms(fwd_bwd(run_ours, x, g, beta, do), device, args.warmup, args.reps)
+                with dot_precision("tf32"):
+                    row["ours_tf32"] = time_ms(fwd_bwd(run_ours, x, g, beta, do), device, args.warmup, args.reps)
                 ours_step = lambda: fwd_bwd(run_ours, x, g, beta, do)  # noqa: B023 - used within this iteration
                 for bv in args.block_v:
                     with block_v_forced(bv):
@@ -396,13 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         print("# fla: Hopper/Triton guard BYPASSED for this measurement only (its gated backward is refused on "
               "Hopper with Triton in [3.4, 3.7.1)); a speed reference, not a correct kernel there")
     print("# 'vs torch' / 'vs fla': their time / ours (above 1x: ours is faster)")
-    print("\n| Hv | B | T | ours ms | ours peak MB | ours tf32x3 ms | recurrent ms | torch fallback ms | fla ms "
+    print("\n| Hv | B | T | ours ms | ours peak MB | ours tf32 ms | recurrent ms | torch fallback ms | fla ms "
           "| vs torch | vs fla |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, t, f = ms(r, "ours"), ms(r, "torch"), ms(r, "fla")
         print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(o)} | {fmt(r['ours'].get('peak_mb'), '.0f')} | "
-              f"{fmt(ms(r, 'ours_tf32x3'))} | {fmt(ms(r, 'recurrent'))} | "
+              f"{fmt(ms(r, 'ours_tf32'))} | {fmt(ms(r, 'recurrent'))} | "
               f"{fmt(t) if 'error' not in r.get('torch', {}) else r['torch']['error']} | "
               f"{fmt(f) if 'error' not in r.get('fla', {}) else 'error'} | "
               f"{fmt(ratio(t, o), '.1f', 'x')} | {fmt(ratio(f, o), '.2f', 'x')} |")

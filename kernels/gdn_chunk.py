@@ -7,8 +7,8 @@ G_i = sum_{j<=i} g_j; D_ij = exp(G_i - G_j) for j <= i; e_j = exp(G_C - G_j)), f
     O = diag(exp(G)) Q S + (D * Q K^T) U
     S <- exp(G_C) S + (diag(e) K)^T U
 G is summed and differenced in fp64 (|G| reaches thousands for large-decay heads, and fp32 differences
-of nearby G would spoil dA_log); everything else is fp32, the products on tensor cores: tf32x3 (fp32 accuracy)
-for fp32 inputs, tf32 for bf16/fp16 (APOLLO_FAST_GDN_DOT_PRECISION overrides).
+of nearby G would spoil dA_log); everything else is fp32, the products on tensor cores in tf32x3 (fp32 accuracy;
+APOLLO_FAST_GDN_DOT_PRECISION=tf32 is faster and coarser).
 
 Kernels, in launch order:
     _chunk_prepare_kernel          per (chunk, head), parallel: T and W (training forward and backward)
@@ -379,10 +379,10 @@ DOT_PRECISION_ENV = "APOLLO_FAST_GDN_DOT_PRECISION"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """Unset env: tf32x3 for fp32 inputs (fp32 accuracy), tf32 for bf16/fp16 inputs (their own rounding is
-    coarser, and tf32x3 more than doubles the backward's register spills: 17 vs 7.5 KB per thread, sm_90,
-    Triton 3.6). The env value, when set, applies to every dtype."""
-    prec = os.environ.get(DOT_PRECISION_ENV) or ("tf32x3" if dtype == torch.float32 else "tf32")
+    """tf32x3 unless APOLLO_FAST_GDN_DOT_PRECISION says otherwise. Plain tf32 (operands truncated to 10 mantissa
+    bits) left bf16 runs at 0.90-0.93 of the tests' bound (1.5x PyTorch's own bf16 error) in a CPU emulation of
+    the GPU's roundings, too close; tf32x3 is at 0.65, but spills twice as much in the backward (Triton 3.6)."""
+    prec = os.environ.get(DOT_PRECISION_ENV) or "tf32x3"
     if prec not in ("tf32x3", "tf32", "ieee"):
         raise ValueError(f"{DOT_PRECISION_ENV}={prec!r}: use tf32x3, tf32 or ieee")
     return prec
