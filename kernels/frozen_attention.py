@@ -46,6 +46,20 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, mask_n, mask_d, visible, scale, 
 
 
 @triton.jit
+def _query_rows(T, HKV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's BLOCK_M folded query rows r = g * T + t of KV head i_hkv in batch row i_b -> (i_b, i_hkv,
+    query head per row, t per row, row mask, segment keys to visit: up to the largest t + 1). Rows past G * T
+    have t < T and zero q: they see key 0, stay finite, and are never stored."""
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_hkv = i_bh % HKV
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_t = rows % T
+    mask_m = rows < G * T
+    hi = tl.minimum(tl.max(tl.where(mask_m, row_t, 0), 0) + 1, T)
+    return i_bh // HKV, i_hkv, i_hkv * G + rows // T, row_t, mask_m, hi
+
+
+@triton.jit
 def _frozen_attention_fwd_kernel(
     Q, K, V, CK, CV, O, LSE,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -54,15 +68,7 @@ def _frozen_attention_fwd_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HAS_CTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // HKV
-    i_hkv = i_bh % HKV
-    rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # folded rows g * T + t
-    row_g = rows // T
-    row_t = rows % T
-    mask_m = rows < G * T
-    head = i_hkv * G + row_g  # int64
+    i_b, i_hkv, head, row_t, mask_m, hi = _query_rows(T, HKV, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     q_ptrs = Q + i_b * stride_qb + head[:, None] * stride_qh + row_t[:, None] * stride_qt + offs_d[None, :]
@@ -83,8 +89,6 @@ def _frozen_attention_fwd_kernel(
             cv_ptrs += BLOCK_N * stride_cvt
     k_ptrs = K + i_b * stride_kb + i_hkv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + i_b * stride_vb + i_hkv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
-    # rows past G * T have row_t < T and zero q: they see key 0, stay finite, and are never stored
-    hi = tl.minimum(tl.max(tl.where(mask_m, row_t, 0), 0) + 1, T)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         visible = cols[None, :] <= row_t[:, None]
@@ -130,15 +134,7 @@ def _frozen_attention_bwd_dq_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, HAS_CTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // HKV
-    i_hkv = i_bh % HKV
-    rows = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_g = rows // T
-    row_t = rows % T
-    mask_m = rows < G * T
-    head = i_hkv * G + row_g
+    i_b, i_hkv, head, row_t, mask_m, hi = _query_rows(T, HKV, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     mask_md = mask_m[:, None] & mask_d[None, :]
@@ -164,7 +160,6 @@ def _frozen_attention_bwd_dq_kernel(
             cv_ptrs += BLOCK_N * stride_cvt
     k_ptrs = K + i_b * stride_kb + i_hkv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + i_b * stride_vb + i_hkv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
-    hi = tl.minimum(tl.max(tl.where(mask_m, row_t, 0), 0) + 1, T)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         visible = mask_m[:, None] & (cols[None, :] <= row_t[:, None])

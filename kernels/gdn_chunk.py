@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gdn_tiles import _segment, _state_tile
+
 
 @triton.jit
 def _load_normed(x, t0, n_valid, i_hk, eps, rt, ok, mk, HK: tl.constexpr, K: tl.constexpr, L2NORM: tl.constexpr):
@@ -96,17 +98,6 @@ def _unit_lower_inverse(A, rt, BT: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _bounds(cu_seqlens, i_n, T, VARLEN: tl.constexpr):
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n * T
-        eos = bos + T
-    return bos, eos
-
-
-@triton.jit
 def _chunk_delta_rule_fwd_kernel(
     q, k, v, g, beta, h0, o, ht, ckpt, Tb, Wb, cu_seqlens,
     T, scale, eps, n_ckpt, h0_stride,
@@ -119,17 +110,9 @@ def _chunk_delta_rule_fwd_kernel(
     _chunk_prepare_kernel (computed in parallel beforehand) instead of being computed here."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
-    i_n = i_nh // HV
-    i_h = i_nh % HV
-    i_hk = i_h // (HV // HK)
-    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    i_n, i_h, i_hk, bos, eos = _segment(i_nh, cu_seqlens, T, HV, HK, VARLEN)
+    ok, ov, mk, mv, mkv, kv_off = _state_tile(i_v, K, V, BK, BV)
     rt = tl.arange(0, BT)
-    ok = tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
-    mkv = mk[:, None] & mv[None, :]
-    kv_off = ok[:, None] * V + ov[None, :]
     strict = rt[:, None] > rt[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -173,15 +156,13 @@ def _chunk_prepare_kernel(
     backward's two kernels (full tiles: rows past the end hold T = I, W = 0)."""
     c = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
-    i_n = i_nh // HV
-    i_h = i_nh % HV
-    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    i_n, i_h, i_hk, bos, eos = _segment(i_nh, cu_seqlens, T, HV, HK, VARLEN)
     t0 = bos + c * BT
     if t0 < eos:
         rt = tl.arange(0, BT)
         ok = tl.arange(0, BK)
         mk = ok < K
-        b_k, _ = _load_normed(k, t0, eos - t0, i_h // (HV // HK), eps, rt, ok, mk, HK, K, L2NORM)
+        b_k, _ = _load_normed(k, t0, eos - t0, i_hk, eps, rt, ok, mk, HK, K, L2NORM)
         b_g, b_beta = _load_gates(g, beta, t0, eos - t0, i_h, rt, HV)
         D, eG, _, _ = _decays(b_g, rt)
         kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
@@ -205,17 +186,9 @@ def _chunk_bwd_dh_kernel(
     dS <- exp(G_C) dS + (diag(exp(G)) Q)^T dO - W^T dU."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
-    i_n = i_nh // HV
-    i_h = i_nh % HV
-    i_hk = i_h // (HV // HK)
-    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    i_n, i_h, i_hk, bos, eos = _segment(i_nh, cu_seqlens, T, HV, HK, VARLEN)
+    ok, ov, mk, mv, mkv, kv_off = _state_tile(i_v, K, V, BK, BV)
     rt = tl.arange(0, BT)
-    ok = tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
-    mkv = mk[:, None] & mv[None, :]
-    kv_off = ok[:, None] * V + ov[None, :]
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         dS += tl.load(dht + i_nh * K * V + kv_off, mask=mkv, other=0.0)
@@ -255,10 +228,7 @@ def _chunk_bwd_kernel(
     """
     c = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
-    i_n = i_nh // HV
-    i_h = i_nh % HV
-    i_hk = i_h // (HV // HK)
-    bos, eos = _bounds(cu_seqlens, i_n, T, VARLEN)
+    i_n, i_h, i_hk, bos, eos = _segment(i_nh, cu_seqlens, T, HV, HK, VARLEN)
     t0 = bos + c * BT
     if t0 < eos:
         rt = tl.arange(0, BT)
@@ -286,10 +256,7 @@ def _chunk_bwd_kernel(
         b_dbeta = tl.zeros([BT], dtype=tl.float32)
         dS_S0 = tl.zeros([BK], dtype=tl.float32)
         for i_v in range(0, tl.cdiv(V, BV)):
-            ov = i_v * BV + tl.arange(0, BV)
-            mv = ov < V
-            mkv = mk[:, None] & mv[None, :]
-            kv_off = ok[:, None] * V + ov[None, :]
+            _ok, ov, _mk, mv, mkv, kv_off = _state_tile(i_v, K, V, BK, BV)
             S0 = tl.load(ckpt + base * K * V + kv_off, mask=mkv, other=0.0)
             dS = tl.load(dh + base * K * V + kv_off, mask=mkv, other=0.0)
             b_v = _load_rows(v, t0, n_valid, i_h, rt, ov, mv, HV, V)

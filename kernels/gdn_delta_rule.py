@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gdn_tiles import _segment, _state_tile
+
 
 @triton.jit
 def _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv,
@@ -47,21 +49,8 @@ def _segment_delta_rule_fwd_kernel(
 ):
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
-    i_n = i_nh // HV
-    i_h = i_nh % HV
-    i_hk = i_h // (HV // HK)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n * T
-        eos = bos + T
-    ok = tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
-    mkv = mk[:, None] & mv[None, :]
-    kv_off = ok[:, None] * V + ov[None, :]
+    i_n, i_h, i_hk, bos, eos = _segment(i_nh, cu_seqlens, T, HV, HK, VARLEN)
+    ok, ov, mk, mv, mkv, kv_off = _state_tile(i_v, K, V, BK, BV)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         S += tl.load(h0 + i_n * h0_stride + i_h * K * V + kv_off, mask=mkv, other=0.0).to(tl.float32)
@@ -92,21 +81,8 @@ def _segment_delta_rule_bwd_kernel(
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
     NV = tl.num_programs(0)
-    i_n = i_nh // HV
-    i_h = i_nh % HV
-    i_hk = i_h // (HV // HK)
-    if VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n * T
-        eos = bos + T
-    ok = tl.arange(0, BK)
-    ov = i_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
-    mkv = mk[:, None] & mv[None, :]
-    kv_off = ok[:, None] * V + ov[None, :]
+    i_n, i_h, i_hk, bos, eos = _segment(i_nh, cu_seqlens, T, HV, HK, VARLEN)
+    ok, ov, mk, mv, mkv, kv_off = _state_tile(i_v, K, V, BK, BV)
     p_ckpt = ckpt + i_nh * n_ckpt * K * V + kv_off
     # scratch: this program's states before each token of one chunk, [ckpt_every, BK, BV]
     p_scr = scratch + (i_nh * NV + i_v) * ckpt_every * BK * BV + ok[:, None] * BV + tl.arange(0, BV)[None, :]
