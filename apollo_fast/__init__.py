@@ -11,8 +11,7 @@ apollo_fast.steering (steering vectors), apollo_fast.reference (the fp32 specifi
 """
 
 from .frozen import FrozenContext, FrozenContextTrainer, encode_context, segment_loss
-from .optim import APOLLO, NonFiniteGradientError
-from .param_groups import apollo_param_groups
+from .optim import APOLLO, NonFiniteGradientError, apollo_param_groups
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .optim import APOLLO
-from .param_groups import apollo_param_groups
+from .optim import APOLLO, apollo_param_groups
 from .toy import PermutationTask, tiny_causal_lm
 
 __all__ = ["register", "run_demo", "DemoResult", "optimizer_state_bytes"]

@@ -5,7 +5,7 @@ the B rows unless --per-row-context):
   triton        apollo_fast.frozen.attention.attend_after_context(backend="triton"): the context read in place
   concat+sdpa   the former implementation (reference.frozen_context.attend_after_context_ref): the context
                 expanded and concatenated per row, SDPA with a boolean mask
-  torch         attend_after_context(backend="torch"): exact fp32 PyTorch, no per-row context copy, fp32 scores
+  reference     attend_after_context(backend="reference"): exact fp32 PyTorch, no per-row context copy, fp32 scores
 Reports the median forward and forward+backward time over --iters (CUDA events, after --warmup) and the peak
 memory allocated during one forward+backward beyond its inputs (q, k, v, the upstream gradient and the context).
 Prints a table last; writes JSON to $OUT/bench_frozen_attention.json (or --out-dir). Needs a CUDA GPU.
@@ -34,7 +34,7 @@ MIB = 2**20
 METHODS = {
     "triton": lambda *a: attend_after_context(*a, backend="triton"),
     "concat+sdpa": attend_after_context_ref,
-    "torch": lambda *a: attend_after_context(*a, backend="torch"),
+    "reference": lambda *a: attend_after_context(*a, backend="reference"),
 }
 
 

@@ -38,8 +38,8 @@ import torch
 # folder must not be put first on sys.path, since its apollo_fast has no `kernels` subpackage (setup.py maps the
 # top-level kernels/ folder to apollo_fast.kernels only when installing), so the GDN kernels would fail to import.
 import apollo_fast
+from apollo_fast.backend import resolve_backend
 from apollo_fast.frozen import encode_context, segment_loss
-from apollo_fast.frozen.gdn_ops import fast_gdn_module
 
 GIB = 2**30
 
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.tiny, device, dtype)
     clock = Clock(device)
     n_params = sum(p.numel() for p in model.parameters())
-    gdn_path = "apollo_fast.gdn kernels" if fast_gdn_module(device) is not None else "plain-PyTorch chunked"
+    gdn_path = "Triton kernels" if resolve_backend("auto", [device], op="bench") == "triton" else "plain PyTorch"
     import transformers
 
     meta = {

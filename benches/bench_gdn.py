@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from apollo_fast.gdn import gate, segment_delta_rule
-from apollo_fast.gdn.reference import gate_ref, segment_delta_rule_ref
+from apollo_fast.gdn.naive import gate_ref, segment_delta_rule_ref
 
 # ----------------------------------------------------------------------------------------------- baselines
 
@@ -119,27 +119,27 @@ def run_fla(fn, q, k, v, g, beta, h0):
 @contextlib.contextmanager
 def block_v_forced(bv: int):
     """Our kernels with V-block width bv instead of the heuristic (a tuning aid for the GPU session)."""
-    from apollo_fast.kernels import gdn_delta_rule
+    from apollo_fast.kernels import gdn_recurrent
 
-    real = gdn_delta_rule._block_sizes
-    gdn_delta_rule._block_sizes = lambda K, V: (real(K, V)[0], min(bv, max(16, 1 << (V - 1).bit_length())))
+    real = gdn_recurrent._block_sizes
+    gdn_recurrent._block_sizes = lambda K, V: (real(K, V)[0], min(bv, max(16, 1 << (V - 1).bit_length())))
     try:
         yield
     finally:
-        gdn_delta_rule._block_sizes = real
+        gdn_recurrent._block_sizes = real
 
 
 @contextlib.contextmanager
 def ckpt_every_forced(c: int):
     """Our kernels with checkpoint interval c instead of ~sqrt(T) (a tuning aid for the GPU session)."""
-    from apollo_fast.kernels import gdn_delta_rule
+    from apollo_fast.kernels import gdn_recurrent
 
-    real = gdn_delta_rule.default_ckpt_every
-    gdn_delta_rule.default_ckpt_every = lambda max_len: c
+    real = gdn_recurrent.default_ckpt_every
+    gdn_recurrent.default_ckpt_every = lambda max_len: c
     try:
         yield
     finally:
-        gdn_delta_rule.default_ckpt_every = real
+        gdn_recurrent.default_ckpt_every = real
 
 
 @contextlib.contextmanager

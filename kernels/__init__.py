@@ -1,6 +1,2 @@
-"""Triton kernels and their launchers, installed as `apollo_fast.kernels`.
-
-Kernels do no validation: the public API in `apollo_fast` checks shapes, dtypes and devices
-before it calls a launcher here. Nothing in this package is imported unless a Triton backend is
-selected, so `import apollo_fast` never imports triton.
-"""
+"""Triton kernels and their launchers (no validation: the API in `apollo_fast` checks inputs first); the
+top-level `kernels/` folder is installed as `apollo_fast.kernels`, and only a Triton backend imports it."""

@@ -13,17 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tables as T
-
-_G = tl.constexpr(T.AP_G)
-_P = tl.constexpr(T.AP_P)
-_R = tl.constexpr(T.AP_R)
-_WS = tl.constexpr(T.AP_WS)
-_C = tl.constexpr(T.AP_C)
-_D = tl.constexpr(T.AP_D)
-_RANK = tl.constexpr(T.AP_RANK)
-_TILE0 = tl.constexpr(T.AP_TILE_A)
-_WIDTH = tl.constexpr(T.AP_WIDTH)
+from .apollo_tables import AP_C, AP_D, AP_G, AP_P, AP_R, AP_RANK, AP_TILE_A, AP_WIDTH, AP_WS, field_ptr, row_of
 
 
 @triton.jit
@@ -49,16 +39,15 @@ def _apollo_project_fwd_kernel(
     pid = tl.program_id(0)
     tile = pid // N_RCHUNK
     chunk = pid % N_RCHUNK
-    mat = tl.load(tile_map + tile).to(tl.int64)
-    row = meta + mat * _WIDTH
-    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
-    p_ptr = tl.load(row + _P).to(tl.pointer_type(tl.float32))
-    r_ptr = tl.load(row + _R).to(tl.pointer_type(tl.float32))
-    ws = tl.load(row + _WS)
-    C = tl.load(row + _C)
-    d = tl.load(row + _D)
-    r = tl.load(row + _RANK)
-    tile0 = tl.load(row + _TILE0)
+    row, _ = row_of(meta, tile_map, tile, AP_WIDTH)
+    g_ptr = field_ptr(row, AP_G, G_DTYPE)
+    p_ptr = field_ptr(row, AP_P, tl.float32)
+    r_ptr = field_ptr(row, AP_R, tl.float32)
+    ws = tl.load(row + AP_WS)
+    C = tl.load(row + AP_C)
+    d = tl.load(row + AP_D)
+    r = tl.load(row + AP_RANK)
+    tile0 = tl.load(row + AP_TILE_A)
 
     offs_c = (tile - tile0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_r = chunk.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)

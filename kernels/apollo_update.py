@@ -14,25 +14,28 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tables as T
-
-_G = tl.constexpr(T.AP_G)
-_W = tl.constexpr(T.AP_W)
-_M = tl.constexpr(T.AP_M)
-_V = tl.constexpr(T.AP_V)
-_R = tl.constexpr(T.AP_R)
-_WS = tl.constexpr(T.AP_WS)
-_C = tl.constexpr(T.AP_C)
-_D = tl.constexpr(T.AP_D)
-_RANK = tl.constexpr(T.AP_RANK)
-_STEP = tl.constexpr(T.AP_STEP)
-_LIM = tl.constexpr(T.AP_LIM)
-_TILE_A = tl.constexpr(T.AP_TILE_A)
-_TILE_C = tl.constexpr(T.AP_TILE_C)
-_DYN_ETA = tl.constexpr(T.APD_ETA)
-_DYN_FIRST = tl.constexpr(T.APD_FIRST)
-_DYN_WIDTH = tl.constexpr(T.APD_WIDTH)
-_WIDTH = tl.constexpr(T.AP_WIDTH)
+from .apollo_tables import (
+    AP_C,
+    AP_D,
+    AP_G,
+    AP_LIM,
+    AP_M,
+    AP_R,
+    AP_RANK,
+    AP_STEP,
+    AP_TILE_A,
+    AP_TILE_C,
+    AP_V,
+    AP_W,
+    AP_WIDTH,
+    AP_WS,
+    APD_ETA,
+    APD_FIRST,
+    APD_WIDTH,
+    bias_corrections,
+    field_ptr,
+    row_of,
+)
 
 SCALE_BLOCK = 1024
 
@@ -61,15 +64,14 @@ def _apollo_moments_fwd_kernel(
     pid = tl.program_id(0)
     tile = pid // N_RCHUNK
     chunk = pid % N_RCHUNK
-    mat = tl.load(tile_map + tile).to(tl.int64)
-    row = meta + mat * _WIDTH
-    m_ptr = tl.load(row + _M).to(tl.pointer_type(M_DTYPE))
-    v_ptr = tl.load(row + _V).to(tl.pointer_type(M_DTYPE))
-    r_ptr = tl.load(row + _R).to(tl.pointer_type(tl.float32))
-    ws = tl.load(row + _WS)
-    C = tl.load(row + _C)
-    r = tl.load(row + _RANK)
-    tile0 = tl.load(row + _TILE_A)
+    row, _ = row_of(meta, tile_map, tile, AP_WIDTH)
+    m_ptr = field_ptr(row, AP_M, M_DTYPE)
+    v_ptr = field_ptr(row, AP_V, M_DTYPE)
+    r_ptr = field_ptr(row, AP_R, tl.float32)
+    ws = tl.load(row + AP_WS)
+    C = tl.load(row + AP_C)
+    r = tl.load(row + AP_RANK)
+    tile0 = tl.load(row + AP_TILE_A)
     offs_r = chunk.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     # SUB_C channels at a time: three live SUB_C x BLOCK_R fp32 tiles stay in registers.
     for cs in tl.static_range(0, BLOCK_C, SUB_C):
@@ -146,9 +148,9 @@ def _apollo_scale_fwd_kernel(
         if tl.load(found) != 0:
             return
     mat = tl.program_id(0).to(tl.int64)
-    row = meta + mat * _WIDTH
-    ws = tl.load(row + _WS)
-    C = tl.load(row + _C)
+    row = meta + mat * AP_WIDTH
+    ws = tl.load(row + AP_WS)
+    C = tl.load(row + AP_C)
     nn_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     rr_sum = tl.zeros((BLOCK,), dtype=tl.float32)
     gg_sum = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -173,18 +175,16 @@ def _apollo_scale_fwd_kernel(
         s_tensor = tl.sqrt(tl.sum(nn_sum, axis=0)) / (tl.sqrt(tl.sum(rr_sum, axis=0)) + 1e-8)
         norm_s = s_tensor * tl.sqrt(tl.sum(gg_sum, axis=0))
     if CAPTURABLE:
-        step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
-        lr = tl.load(lr_ptr).to(tl.float32)
-        bc1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-        bc2 = 1.0 - tl.exp2(step * tl.log2(beta2))
-        eta_alpha = lr * tl.sqrt(bc2) / bc1 * alpha
+        step = tl.load(field_ptr(row, AP_STEP, tl.float32))
+        bc1, bc2 = bias_corrections(step, beta1, beta2)
+        eta_alpha = tl.load(lr_ptr).to(tl.float32) * tl.sqrt(bc2) / bc1 * alpha
         first = step == 1.0
     else:
-        eta_alpha = tl.load(dyn + mat * _DYN_WIDTH + _DYN_ETA).to(tl.float32)
-        first = tl.load(dyn + mat * _DYN_WIDTH + _DYN_FIRST) != 0.0
+        eta_alpha = tl.load(dyn + mat * APD_WIDTH + APD_ETA).to(tl.float32)
+        first = tl.load(dyn + mat * APD_WIDTH + APD_FIRST) != 0.0
     lam = 1.0
     if LIMITER:
-        lim_ptr = tl.load(row + _LIM).to(tl.pointer_type(tl.float32))
+        lim_ptr = field_ptr(row, AP_LIM, tl.float32)
         prev = tl.load(lim_ptr)
         lam = tl.where(first, 1.0, tl.maximum(norm_s / (prev + 1e-8), gamma) / gamma)
         tl.store(lim_ptr, norm_s / lam)
@@ -251,14 +251,13 @@ def _apollo_update_fwd_kernel(
         if tl.load(found) != 0:
             return
     pid = tl.program_id(0)
-    mat = tl.load(tile_map + pid).to(tl.int64)
-    row = meta + mat * _WIDTH
-    w_ptr = tl.load(row + _W).to(tl.pointer_type(W_DTYPE))
-    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
-    ws = tl.load(row + _WS)
-    C = tl.load(row + _C)
-    d = tl.load(row + _D)
-    tile0 = tl.load(row + _TILE_C)
+    row, _ = row_of(meta, tile_map, pid, AP_WIDTH)
+    w_ptr = field_ptr(row, AP_W, W_DTYPE)
+    g_ptr = field_ptr(row, AP_G, G_DTYPE)
+    ws = tl.load(row + AP_WS)
+    C = tl.load(row + AP_C)
+    d = tl.load(row + AP_D)
+    tile0 = tl.load(row + AP_TILE_C)
     if TALL:
         m = C
         n = d

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import utils
+
 
 @triton.jit
 def _scores(q, k_ptrs, mask_n, mask_d, scale, DOT_PRECISION: tl.constexpr):
@@ -222,10 +224,6 @@ def _frozen_attention_bwd_dkdv_kernel(
     tl.store(DV + out[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation (tests replace it with a NaN fill, so an element a kernel skips fails)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
 
 def _config(D: int, dtype: torch.dtype) -> dict[str, int | str]:
     """Block sizes and launch options shared by the kernels (tests shrink the blocks to cover multi-tile loops).
@@ -264,8 +262,8 @@ def frozen_attention_fwd(
     HKV = k.shape[1]
     Lc = 0 if ctx_k is None else ctx_k.shape[2]
     cfg = _config(D, q.dtype)
-    o = _empty(B, H, T, D, dtype=q.dtype, device=q.device)
-    lse = _empty(B, H, T, dtype=torch.float32, device=q.device)
+    o = utils.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+    lse = utils.empty(B, H, T, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv((H // HKV) * T, cfg["BLOCK_M"]), B * HKV)
     _frozen_attention_fwd_kernel[grid](
         q, k, v, ctx_k, ctx_v, o, lse,
@@ -287,10 +285,10 @@ def frozen_attention_bwd(
     HKV = k.shape[1]
     Lc = 0 if ctx_k is None else ctx_k.shape[2]
     cfg = _config(D, q.dtype)
-    delta = _empty(B, H, T, dtype=torch.float32, device=q.device)
-    dq = _empty(B, H, T, D, dtype=q.dtype, device=q.device)
-    dk = _empty(B, HKV, T, D, dtype=k.dtype, device=k.device)
-    dv = _empty(B, HKV, T, D, dtype=v.dtype, device=v.device)
+    delta = utils.empty(B, H, T, dtype=torch.float32, device=q.device)
+    dq = utils.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+    dk = utils.empty(B, HKV, T, D, dtype=k.dtype, device=k.device)
+    dv = utils.empty(B, HKV, T, D, dtype=v.dtype, device=v.device)
     _frozen_attention_bwd_preprocess_kernel[(triton.cdiv(B * H * T, cfg["BLOCK_M"]),)](
         o, do, delta, B * H * T, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
     )  # fmt: skip

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import utils
 from .gdn_tiles import _segment, _state_tile
 
 
@@ -330,10 +331,6 @@ _LAUNCH = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS
 BWD_BLOCK_V = 32  # the parallel backward walks V in blocks of 32: S0 and dL/dS tiles [K, 32] beside its sums
 
 
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation (tests replace it with a NaN fill, so an element a kernel skips fails)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
 
 def _block_sizes(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
@@ -362,8 +359,8 @@ def _prepare(
     """-> T [N, Hv, C, BT, BT] and W [N, Hv, C, BT, K] fp32 for every chunk (one program per chunk and head)."""
     B, T, HK, K = k.shape
     HV = g.shape[2]
-    Tb = _empty(n_seq, HV, n_ckpt, chunk, chunk, dtype=torch.float32, device=k.device)
-    Wb = _empty(n_seq, HV, n_ckpt, chunk, K, dtype=torch.float32, device=k.device)
+    Tb = utils.empty(n_seq, HV, n_ckpt, chunk, chunk, dtype=torch.float32, device=k.device)
+    Wb = utils.empty(n_seq, HV, n_ckpt, chunk, K, dtype=torch.float32, device=k.device)
     _chunk_prepare_kernel[(n_ckpt, n_seq * HV)](
         k, g, beta, Tb, Wb, cu_seqlens, T, eps, n_ckpt, HK=HK, HV=HV, K=K, BT=chunk,
         BK=_block_sizes(K, 16)[0], VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, **_LAUNCH,
@@ -382,9 +379,9 @@ def chunk_delta_rule_fwd(
     HV, V = v.shape[2], v.shape[3]
     BK, BV = _block_sizes(K, V)
     n_ckpt = triton.cdiv(max_len, chunk) if save_ckpt else 0
-    o = _empty(*v.shape, dtype=v.dtype, device=v.device)
-    ht = _empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
-    ckpt = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
+    o = utils.empty(*v.shape, dtype=v.dtype, device=v.device)
+    ht = utils.empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
+    ckpt = utils.empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
     h0_stride = 0 if h0 is None or h0.shape[0] == 1 else HV * K * V
     prec = _dot_precision(q.dtype)
     # Training: T and W of every chunk in parallel first (the sequential kernel gets lighter). Inference (no
@@ -420,15 +417,15 @@ def chunk_delta_rule_bwd(
     meta = dict(HK=HK, HV=HV, K=K, BT=chunk, BK=BK, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec,
                 **_LAUNCH)
     Tb, Wb = _prepare(k, g, beta, cu_seqlens, n_seq, n_ckpt, eps, l2norm, chunk, prec)
-    dh = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=dev)
+    dh = utils.empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=dev)
     _chunk_bwd_dh_kernel[(NV, n_seq * HV)](
         q, k, g, do, dht, Wb, dh, cu_seqlens, T, scale, eps, n_ckpt, V=V, BV=BV, USE_DHT=dht is not None, **meta,
     )
-    dq_part = _empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
-    dk_part = _empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
-    dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
-    dg_part = _empty(1, B, T, HV, dtype=torch.float32, device=dev)
-    dbeta_part = _empty(1, B, T, HV, dtype=torch.float32, device=dev)
+    dq_part = utils.empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
+    dk_part = utils.empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
+    dv = utils.empty(*v.shape, dtype=v.dtype, device=v.device)
+    dg_part = utils.empty(1, B, T, HV, dtype=torch.float32, device=dev)
+    dbeta_part = utils.empty(1, B, T, HV, dtype=torch.float32, device=dev)
     _chunk_bwd_kernel[(n_ckpt, n_seq * HV)](
         q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
         T, scale, eps, n_ckpt, V=V, BV=BWD_BLOCK_V, **meta,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import utils
+
 BLOCK_R = 64  # rows (b, t) per tile
 MAX_PROGRAMS = 512  # backward partials: programs are a function of the shape only
 
@@ -110,10 +112,6 @@ def _gdn_gate_bwd_kernel(
     tl.store(dbias_part + p_off + HV, -cD, mask=mh)
 
 
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation (tests replace it with a NaN fill, so an element a kernel skips fails)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
 
 def _bth_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
@@ -125,8 +123,8 @@ def gdn_gate_fwd(
     """a, b [B, T, Hv] (any strides); A_log, dt_bias [Hv] contiguous -> g fp32, beta (b's dtype), contiguous."""
     B, T, HV = a.shape
     R = B * T
-    g = _empty(B, T, HV, dtype=torch.float32, device=a.device)
-    beta = _empty(B, T, HV, dtype=b.dtype, device=b.device)
+    g = utils.empty(B, T, HV, dtype=torch.float32, device=a.device)
+    beta = utils.empty(B, T, HV, dtype=b.dtype, device=b.device)
     if R == 0:
         return g, beta
     grid = (triton.cdiv(R, BLOCK_R),)
@@ -144,16 +142,16 @@ def gdn_gate_bwd(
     """-> da (a's dtype), db (b's dtype) [B, T, Hv] contiguous; partials of d A_log, d dt_bias [P, 2, Hv] fp32."""
     B, T, HV = a.shape
     R = B * T
-    da = _empty(B, T, HV, dtype=a.dtype, device=a.device)
-    db = _empty(B, T, HV, dtype=b.dtype, device=b.device)
+    da = utils.empty(B, T, HV, dtype=a.dtype, device=a.device)
+    db = utils.empty(B, T, HV, dtype=b.dtype, device=b.device)
     if R == 0:
         zeros = torch.zeros(1, 2, HV, dtype=torch.float32, device=a.device)
         return da, db, zeros, zeros.clone()
     n_prog = min(triton.cdiv(R, BLOCK_R), MAX_PROGRAMS)
     rows_per_prog = triton.cdiv(triton.cdiv(R, n_prog), BLOCK_R) * BLOCK_R
     n_prog = triton.cdiv(R, rows_per_prog)
-    dA_part = _empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
-    dbias_part = _empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
+    dA_part = utils.empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
+    dbias_part = utils.empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
     _gdn_gate_bwd_kernel[(n_prog,)](
         a, b, A_log, dt_bias, dg, dbeta, da, db, dA_part, dbias_part, R, T, rows_per_prog,
         *_bth_strides(a), *_bth_strides(b), *_bth_strides(dg), *_bth_strides(dbeta),

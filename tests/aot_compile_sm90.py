@@ -24,7 +24,7 @@ except ImportError as err:
     sys.exit(3)
 
 import torch  # noqa: E402
-from apollo_fast.kernels import frozen_attention, gdn_chunk, gdn_delta_rule, gdn_gate  # noqa: E402
+from apollo_fast.kernels import frozen_attention, gdn_chunk, gdn_gate, gdn_recurrent  # noqa: E402
 
 from apollo_fast.gdn.delta_rule import CHUNK_SIZE  # noqa: E402
 
@@ -142,13 +142,13 @@ def main() -> int:
         bf16 = {n: (P("bf16") if n in ("q", "k", "v", "beta", "do", "dv") else t) for n, t in chunk_bwd.items()}
         compile_one(gdn_chunk._chunk_bwd_kernel, bf16, dict(bwd_shapes, VARLEN=True, L2NORM=True, DOT_PREC="tf32"),
                     **NW)
-        compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,
+        compile_one(gdn_recurrent._segment_delta_rule_fwd_kernel, fwd,
                     dict(shapes, USE_H0=True, STORE_HT=True, SAVE_CKPT=True, VARLEN=True, L2NORM=True))
-        compile_one(gdn_delta_rule._segment_delta_rule_fwd_kernel, fwd,
+        compile_one(gdn_recurrent._segment_delta_rule_fwd_kernel, fwd,
                     dict(shapes, USE_H0=False, STORE_HT=False, SAVE_CKPT=False, VARLEN=False, L2NORM=False))
-        compile_one(gdn_delta_rule._segment_delta_rule_bwd_kernel, bwd,
+        compile_one(gdn_recurrent._segment_delta_rule_bwd_kernel, bwd,
                     dict(shapes, USE_DHT=True, VARLEN=True, L2NORM=True))
-        compile_one(gdn_delta_rule._segment_delta_rule_bwd_kernel, bwd,
+        compile_one(gdn_recurrent._segment_delta_rule_bwd_kernel, bwd,
                     dict(shapes, USE_DHT=False, VARLEN=False, L2NORM=False))
         gates = dict(HV=48, BLOCK_R=gdn_gate.BLOCK_R, BLOCK_H=64)
         compile_one(gdn_gate._gdn_gate_fwd_kernel, gate_fwd, gates)

@@ -305,7 +305,7 @@ def test_bad_group_option_raises():
 
 
 def test_unavailable_backend_raises_clearly():
-    with pytest.raises(NotImplementedError, match="cuda"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'triton'\), got 'cuda'"):
         APOLLO(_params([(4, 3)]), backend="cuda")
 
 

@@ -36,6 +36,11 @@ pytestmark = [
 SMALL = [(13, 7), (5, 17), (1, 9), (16, 16)]  # tall prime, wide prime, a single row, square
 
 
+def _apollo_launches(opt):
+    """The Triton backend's APOLLO launch classes, over all param groups."""
+    return [la for launches in opt._launches.values() for la in launches.apollo]
+
+
 def _params(shapes, dtype, device=DEV, seed=1):
     g = torch.Generator().manual_seed(seed)
     ps = [torch.nn.Parameter(torch.randn(*s, generator=g).to(device=device, dtype=dtype)) for s in shapes]
@@ -62,7 +67,7 @@ def _run(backend, shapes, dtype, steps, opt_kw, poison=True, device=DEV, fresh=F
     ps = _params(shapes, dtype, device)
     opt = APOLLO(ps, backend=backend, **opt_kw)
     if backend == "triton":
-        opt._fused.poison_scratch = poison
+        opt._poison_scratch = poison
     w0 = [p.detach().clone() for p in ps]
     for t in range(steps):
         _grads(ps, t, fresh=fresh)
@@ -130,7 +135,7 @@ def test_multi_tile_projection():
     ref = _run("reference", shapes, torch.float32, 3, kw)
     out = _run("triton", shapes, torch.float32, 3, kw)
     _compare(ref, out, 1e-2 if GPU else 1e-6, 1e-2 if GPU else 1e-5, as_update=GPU)
-    for la in out[2]._fused._apollo:
+    for la in _apollo_launches(out[2]):
         assert la.p_refresh.numel() == la.maps[0].numel(), "one refresh tag per Philox program"
 
 
@@ -145,7 +150,7 @@ def test_uneven_steps_and_new_grad_buffers():
         w0 = [p.detach().clone() for p in ps]
         opt = APOLLO(ps, backend=backend, **kw)
         if backend == "triton":
-            opt._fused.poison_scratch = True
+            opt._poison_scratch = True
         for t in range(4):
             _grads(ps, t, fresh=True)
             if t == 1:
@@ -155,7 +160,7 @@ def test_uneven_steps_and_new_grad_buffers():
     _compare(*results, 1e-2 if GPU else 1e-6, 1e-2 if GPU else 1e-5, as_update=GPU)
     ps, _, opt = results[1]
     assert [int(opt.state[p]["step"]) for p in ps[:3]] == [4, 3, 4]
-    assert len(opt._fused._apollo) == 1, "the three tall matrices share one launch"
+    assert len(_apollo_launches(opt)) == 1, "the three tall matrices share one launch"
 
 
 def test_official_projection_untouched_by_a_refused_step():
@@ -180,9 +185,9 @@ def test_many_tensors_one_launch():
     ref = _run("reference", shapes, torch.float32, 2, kw)
     out = _run("triton", shapes, torch.float32, 2, kw, fresh=True)
     _compare(ref, out, 1e-2 if GPU else 1e-6, 1e-2 if GPU else 1e-5, as_update=GPU)
-    launches = out[2]._fused._apollo
+    launches = _apollo_launches(out[2])
     assert len(launches) == 2, f"expected one tall and one wide launch class, got {[la.key for la in launches]}"
-    assert sorted(len(la.params) for la in launches) == [10, 30]
+    assert sorted(len(la.idx) for la in launches) == [10, 30]
 
 
 def test_bf16_moments():
@@ -253,7 +258,7 @@ def test_capturable_skip_on_device():
     for i, (a, b) in enumerate(zip(before, ps, strict=True)):
         assert torch.equal(a, b), f"param[{i}] changed on a skipped step"
     assert float(opt.state[ps[0]]["step"]) == 3.0
-    assert int(opt._fused.skipped_device[ps[0].device]) == 1
+    assert int(opt.skipped_steps_device[ps[0].device]) == 1
 
 
 def test_tiny_model_trains_like_the_reference():
@@ -301,7 +306,7 @@ def test_invalid_combinations():
 
 def test_philox_words_bit_exact():
     """Kernel Philox4x32-10 words == apollo_fast.reference.philox, bit for bit."""
-    from apollo_fast.kernels.philox import philox_words
+    from apollo_fast.kernels.apollo_philox import philox_words
 
     for key, hi in ((projection_key(0, 0), 0), (projection_key(2**32 - 1, 123456789), 2**32 - 1)):
         out = philox_words(3000, key, hi, DEV).cpu()
@@ -313,21 +318,21 @@ def test_philox_words_bit_exact():
 
 def test_philox_projection_kernel():
     """The in-kernel P~ (NaN-poisoned buffer) matches the reference projection to fp32 rounding."""
-    from apollo_fast.kernels import tables as T
-    from apollo_fast.kernels.philox import philox_projection_group
+    from apollo_fast.kernels import apollo_tables as T
+    from apollo_fast.kernels.apollo_philox import philox_projection_group
 
-    from apollo_fast.fused_apollo import _starts, _tile_map
+    from apollo_fast.optim.fused import _starts, _tile_map
 
     mats = [(3, 700, 4, 11, 0), (5, 33, 9, 2**32 - 1, 7)]  # rank, dim, param index, seed, refresh
     bufs = [torch.full((r * d,), float("nan"), device=DEV) for r, d, *_ in mats]
     tiles = [-(-r * d // 1024) for r, d, *_ in mats]
     rows, dyn = [], []
     for (r, d, idx, seed, refresh), buf, start in zip(mats, bufs, _starts(tiles), strict=True):
-        row = [0] * T.AP_WIDTH
+        row = [0] * T.AP_WIDTH.value
         row[T.AP_P], row[T.AP_RANK], row[T.AP_D] = buf.data_ptr(), r, d
         row[T.AP_KEY_LO], row[T.AP_KEY_HI], row[T.AP_TILE_PX] = idx, seed, start
         rows.append(row)
-        dyn.append([0.0] * T.APD_WIDTH)
+        dyn.append([0.0] * T.APD_WIDTH.value)
         dyn[-1][T.APD_REFRESH] = float(refresh)
     meta = torch.tensor(rows, dtype=torch.int64, device=DEV)
     dyn_t = torch.tensor(dyn, dtype=torch.float64, device=DEV)

@@ -12,7 +12,8 @@ from helpers import assert_close, rel_err
 
 import apollo_fast
 from apollo_fast.frozen import FrozenContext, encode_context, segment_logits, segment_loss
-from apollo_fast.frozen.gdn_ops import causal_conv_with_prefix, delta_rule_chunked
+from apollo_fast.frozen.conv import causal_conv_with_prefix
+from apollo_fast.gdn.naive import chunk_delta_rule_ref
 from apollo_fast.reference.frozen_context import frozen_context_logits_ref, frozen_context_loss_ref
 
 ARCHS = ["qwen3_5", "qwen3_next", "qwen3_next_moe", "llama", "qwen3"]
@@ -230,7 +231,7 @@ def test_chunked_delta_rule_matches_per_token_recurrence():
     beta = torch.rand(b, t, hv, generator=gen)
     s0 = torch.randn(1, hv, dk, dv, generator=gen)
     inputs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
-    o, s = delta_rule_chunked(*inputs, s0)
+    o, s = chunk_delta_rule_ref(*inputs, s0)
     (o.square().sum() + s.square().sum()).backward()
     ours = [x.grad for x in inputs]
 
@@ -313,59 +314,67 @@ def test_bad_inputs_get_clear_errors():
     assert isinstance(ctx, FrozenContext) and ctx.length == 6 and ctx.nbytes > 0
 
 
-def test_gdn_kernel_dispatch_follows_the_agreed_interface(monkeypatch):
-    """Where apollo_fast.gdn serves (CUDA), GDN layers call gate() and segment_delta_rule() as GDN_API.md says.
-    A stand-in that checks every argument and computes with the plain path must give the reference gradients."""
-    from apollo_fast.frozen import gdn_ops
+def _checked_gdn(monkeypatch) -> list[str]:
+    """Route the GDN layers' calls of apollo_fast.gdn through checks of the interface they rely on; returns the
+    list of calls made. The checked calls still compute with apollo_fast.gdn, on the backend they were given."""
+    from apollo_fast import gdn
+    from apollo_fast.frozen import forward
 
     calls = []
 
-    class StandIn:
-        @staticmethod
-        def gate(a, b, A_log, dt_bias):
-            assert a.shape == b.shape and a.shape[-1] == A_log.shape[0] == dt_bias.shape[0]
-            calls.append("gate")
-            g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-            return g, b.sigmoid()
+    def checked_gate(a, b, A_log, dt_bias, *, backend):
+        assert a.shape == b.shape and a.shape[-1] == A_log.shape[0] == dt_bias.shape[0]
+        calls.append(f"gate:{backend}")
+        return gdn.gate(a, b, A_log, dt_bias, backend=backend)
 
-        @staticmethod
-        def segment_delta_rule(
-            q, k, v, g, beta, initial_state=None, *, scale=None, use_qk_l2norm=True, output_final_state=True,
-            cu_seqlens=None, backend="auto",
-        ):  # fmt: skip
-            bsz, t, hv, dv = v.shape
-            assert q.shape == k.shape and q.shape[:2] == (bsz, t) and hv % q.shape[2] == 0
-            assert g.dtype == torch.float32 and g.shape == beta.shape == (bsz, t, hv)
-            assert use_qk_l2norm and scale is None and cu_seqlens is None and backend == "auto"
-            if initial_state is not None:
-                assert initial_state.dtype == torch.float32 and not initial_state.requires_grad
-                assert initial_state.shape[0] in (1, bsz) and initial_state.shape[1:] == (hv, k.shape[-1], dv)
-            calls.append("rule")
-            return delta_rule_chunked(q, k, v, g, beta, initial_state, output_final_state=output_final_state)
+    def checked_rule(q, k, v, g, beta, initial_state=None, *, output_final_state, backend):
+        bsz, t, hv, dv = v.shape
+        assert q.shape == k.shape and q.shape[:2] == (bsz, t) and hv % q.shape[2] == 0
+        assert g.dtype == torch.float32 and g.shape == beta.shape == (bsz, t, hv)
+        if initial_state is not None:
+            assert initial_state.dtype == torch.float32 and not initial_state.requires_grad
+            assert initial_state.shape[0] in (1, bsz) and initial_state.shape[1:] == (hv, k.shape[-1], dv)
+        calls.append(f"rule:{backend}")
+        return gdn.segment_delta_rule(
+            q, k, v, g, beta, initial_state, output_final_state=output_final_state, backend=backend
+        )
 
+    monkeypatch.setattr(forward, "gate", checked_gate)
+    monkeypatch.setattr(forward, "segment_delta_rule", checked_rule)
+    return calls
+
+
+def test_gdn_layers_call_the_gdn_api_with_the_callers_backend(monkeypatch):
+    """GDN layers call apollo_fast.gdn's gate() and segment_delta_rule() with the frozen state and the backend the
+    caller chose, and the result is the reference's gradients."""
     model = build("qwen3_next")
     ctx_ids, seg = _ids(1, CTX_LEN, seed=60), _ids(2, 7, seed=61)
     frozen_context_loss_ref(model, ctx_ids, seg).backward()
     ref = _grads(model)
-    monkeypatch.setattr(gdn_ops, "fast_gdn_module", lambda device: StandIn)
-    segment_loss(model, encode_context(model, ctx_ids), seg).backward()
+    calls = _checked_gdn(monkeypatch)
+    ctx = encode_context(model, ctx_ids, backend="reference")
+    segment_loss(model, ctx, seg, backend="reference").backward()
     _assert_grads_close(ref, _grads(model), RTOL)
-    assert calls.count("rule") == 4 and calls.count("gate") == 4  # 2 GDN layers x (encode + segment)
+    assert calls.count("rule:reference") == 4 and calls.count("gate:reference") == 4  # 2 GDN layers x 2 calls
 
 
 def test_cpu_tensors_never_reach_the_gdn_kernels(monkeypatch):
-    from apollo_fast.frozen import gdn_ops
+    """backend='auto' keeps CPU tensors on the reference, also under TRITON_INTERPRET=1; a bad backend is named."""
+    import importlib
 
-    class Refuses:
-        def __getattr__(self, name):
-            raise AssertionError(f"CPU tensors were sent to apollo_fast.gdn.{name}")
+    delta_rule = importlib.import_module("apollo_fast.gdn.delta_rule")
+    gate = importlib.import_module("apollo_fast.gdn.gate")  # the module (the package exports the function)
 
-    monkeypatch.setattr(gdn_ops, "_import_gdn", lambda: Refuses())
+    def refuse(*args, **kwargs):
+        raise AssertionError("CPU tensors were sent to the GDN Triton kernels")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(delta_rule._SegmentDeltaRuleFunction, "apply", refuse)
+    monkeypatch.setattr(gate._GateFunction, "apply", refuse)
     model = build("qwen3_5")
     segment_loss(model, encode_context(model, _ids(1, 9, seed=62)), _ids(1, 5, seed=63)).backward()
-    monkeypatch.setenv("APOLLO_FAST_FROZEN_GDN", "fast")
-    with pytest.raises(ValueError, match="APOLLO_FAST_FROZEN_GDN"):
-        gdn_ops.fast_gdn_module(torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        encode_context(model, _ids(1, 9, seed=62), backend="fast")
 
 
 @pytest.mark.skipif(
@@ -376,27 +385,11 @@ def test_cpu_tensors_never_reach_the_gdn_kernels(monkeypatch):
 def test_frozen_context_through_the_real_gdn_kernels(monkeypatch, arch):
     """Integration: the GDN Triton kernels (interpreted on CPU) inside the frozen-context step give the
     reference's gradients, for both GDN layer layouts (fused and split projections)."""
-    from apollo_fast import gdn
-    from apollo_fast.frozen import gdn_ops
-
     model = build(arch)
     ctx_ids, seg = _ids(1, CTX_LEN, seed=70), _ids(2, 5, seed=71)
     frozen_context_loss_ref(model, ctx_ids, seg).backward()
     ref = _grads(model)
-    used = []
-
-    class Recording:
-        @staticmethod
-        def gate(*args, **kwargs):
-            used.append("gate")
-            return gdn.gate(*args, backend="triton", **kwargs)
-
-        @staticmethod
-        def segment_delta_rule(*args, **kwargs):
-            used.append("rule")
-            return gdn.segment_delta_rule(*args, **{**kwargs, "backend": "triton"})
-
-    monkeypatch.setattr(gdn_ops, "fast_gdn_module", lambda device: Recording)
-    segment_loss(model, encode_context(model, ctx_ids), seg).backward()
+    used = _checked_gdn(monkeypatch)
+    segment_loss(model, encode_context(model, ctx_ids, backend="triton"), seg, backend="triton").backward()
     _assert_grads_close(ref, _grads(model), 1e-4)
-    assert used.count("rule") >= 2 and used.count("gate") >= 2
+    assert used.count("rule:triton") >= 2 and used.count("gate:triton") >= 2

@@ -1,10 +1,10 @@
 """The frozen-context step end to end through the Triton kernels (GDN chunk/recurrent, attention), on the CPU.
 
-On CUDA, `segment_loss` sends the GDN gate and delta rule to `apollo_fast.gdn` and attention after the context
-to the Triton flash kernel; on the CPU both stay in PyTorch. Here both dispatchers are pointed at the kernels
-(which run under TRITON_INTERPRET=1), so the wiring the GPU uses (strided views, broadcast states, GQA folding,
-segment lengths on both sides of the chunk threshold) is checked against the detached-context reference on
-every parameter's gradient, as in test_frozen_context.py.
+On CUDA, backend='auto' sends the GDN gate and delta rule and attention after the context to the Triton kernels;
+on the CPU it keeps them in PyTorch. Here backend='triton' sends CPU tensors to the kernels (which run under
+TRITON_INTERPRET=1), so the wiring the GPU uses (strided views, broadcast states, GQA folding, segment lengths on
+both sides of the chunk threshold) is checked against the detached-context reference on every parameter's
+gradient, as in test_frozen_context.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from frozen_models import VOCAB, build
 from helpers import assert_close
 
 from apollo_fast import gdn
-from apollo_fast.frozen import attention, encode_context, gdn_ops, segment_logits, segment_loss
+from apollo_fast.frozen import attention, encode_context, forward, segment_logits, segment_loss
 from apollo_fast.reference.frozen_context import frozen_context_logits_ref, frozen_context_loss_ref
 
 # CPU tensors through Triton: only the interpreter runs them (on a GPU machine, the GPU tests cover this path)
@@ -27,26 +27,25 @@ CTX_LEN = 21
 
 
 class _CountingGDN:
-    """apollo_fast.gdn, recording the calls that reach it."""
+    """apollo_fast.gdn as the GDN layers call it, recording the calls and the backend each asked for."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
 
     def gate(self, *args, **kwargs):
-        self.calls.append("gate")
+        self.calls.append(f"gate:{kwargs['backend']}")
         return gdn.gate(*args, **kwargs)
 
     def segment_delta_rule(self, *args, **kwargs):
-        self.calls.append("delta_rule")
+        self.calls.append(f"delta_rule:{kwargs['backend']}")
         return gdn.segment_delta_rule(*args, **kwargs)
 
 
 @pytest.fixture(autouse=True)
 def counting_gdn(monkeypatch) -> _CountingGDN:
-    real = attention._resolve_backend
     counting = _CountingGDN()
-    monkeypatch.setattr(gdn_ops, "fast_gdn_module", lambda device: counting)
-    monkeypatch.setattr(attention, "_resolve_backend", lambda b, q, p: "triton" if p == 0 else real(b, q, p))
+    monkeypatch.setattr(forward, "gate", counting.gate)
+    monkeypatch.setattr(forward, "segment_delta_rule", counting.segment_delta_rule)
     return counting
 
 
@@ -70,10 +69,10 @@ def test_gradients_through_kernels_equal_reference(arch, seg_len, monkeypatch, c
     calls = []
     real_apply = attention._FrozenAttentionFunction.apply
     monkeypatch.setattr(attention._FrozenAttentionFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    ctx = encode_context(model, ctx_ids)
-    segment_loss(model, ctx, seg).backward()
+    ctx = encode_context(model, ctx_ids, backend="triton")
+    segment_loss(model, ctx, seg, backend="triton").backward()
     assert calls, "the Triton attention kernel was not used"
-    assert arch == "llama" or {"gate", "delta_rule"} <= set(counting_gdn.calls), counting_gdn.calls
+    assert arch == "llama" or {"gate:triton", "delta_rule:triton"} <= set(counting_gdn.calls), counting_gdn.calls
     out = _grads(model)
     assert ref.keys() == out.keys(), f"parameters with gradient differ: {sorted(ref.keys() ^ out.keys())}"
     for name in ref:
@@ -86,5 +85,5 @@ def test_logits_through_kernels_equal_reference():
     ctx_ids, seg = _ids(1, CTX_LEN, seed=33), _ids(3, 18, seed=34)
     with torch.no_grad():
         ref = frozen_context_logits_ref(model, ctx_ids, seg)
-        ours = segment_logits(model, encode_context(model, ctx_ids), seg)
+        ours = segment_logits(model, encode_context(model, ctx_ids, backend="triton"), seg, backend="triton")
     assert_close("segment logits", ref, ours, rtol=RTOL)

@@ -14,8 +14,13 @@ import torch
 from gdn_common import NAMES, make_inputs, per_head_rel_err, poison_outputs, reference_fp64, run_pipeline
 from helpers import assert_close, rel_err
 
-from apollo_fast.gdn import gate, segment_delta_rule
-from apollo_fast.gdn.reference import gate_ref, segment_delta_rule_ref
+from apollo_fast import gdn
+from apollo_fast.gdn.naive import gate_ref, segment_delta_rule_ref
+
+# The kernels under test: backend='auto' keeps CPU tensors on the reference, so ask for Triton explicitly
+# (interpreted on the CPU, native on a GPU).
+gate = partial(gdn.gate, backend="triton")
+segment_delta_rule = partial(gdn.segment_delta_rule, backend="triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-4  # every tensor, fp32 inputs (measured ~1e-6 on CPU, both algorithms)
@@ -124,8 +129,9 @@ def test_gpu_fp32_matches_fp64(shape, T, algorithm):
 def test_gpu_varlen_fp32(algorithm):
     cu = torch.tensor([0, 1, 64, 65, 1000], dtype=torch.int64, device="cuda")
     x = make_inputs(1, 1000, 16, 48, 128, 128, h0_batch=1, seed=3, device="cuda")
-    _check_fp32(reference_fp64(x, cu_seqlens=cu), run_pipeline(x, gate, _delta(algorithm), torch.float32,
-                                                                cu_seqlens=cu))
+    _check_fp32(
+        reference_fp64(x, cu_seqlens=cu), run_pipeline(x, gate, _delta(algorithm), torch.float32, cu_seqlens=cu)
+    )
 
 
 def _bf16_inputs(x):
@@ -165,11 +171,11 @@ def test_gpu_deterministic_qwen_size(algorithm):
 
 def test_segment_no_grad_saves_no_checkpoints(monkeypatch):
     """Under torch.no_grad (a context prefix) the forward keeps no checkpoints, and gives the same o."""
-    from apollo_fast.kernels import gdn_delta_rule
+    from apollo_fast.kernels import gdn_recurrent
 
     seen = []
-    real = gdn_delta_rule.segment_delta_rule_fwd
-    monkeypatch.setattr(gdn_delta_rule, "segment_delta_rule_fwd", lambda *a: seen.append(a[-2]) or real(*a))
+    real = gdn_recurrent.segment_delta_rule_fwd
+    monkeypatch.setattr(gdn_recurrent, "segment_delta_rule_fwd", lambda *a: seen.append(a[-2]) or real(*a))
     x = make_inputs(1, 9, 1, 2, 16, 16, seed=14, device=DEVICE)
     q = x["q"].clone().requires_grad_()
     g, beta = gate(x["a"], x["b"], x["A_log"], x["dt_bias"])
@@ -186,8 +192,16 @@ def test_segment_empty_batch_returns_the_state(algorithm):
     x = make_inputs(2, 0, 1, 2, 16, 16, seed=15, device=DEVICE)
     out = run_pipeline(x, gate, _delta(algorithm), torch.float32)
     assert torch.equal(out["final_state"], x["h0"])
-    for name, like in (("o", "v"), ("dq", "q"), ("dk", "k"), ("dv", "v"), ("dg", "a"), ("dbeta", "b"), ("da", "a"),
-                       ("db", "b")):
+    for name, like in (
+        ("o", "v"),
+        ("dq", "q"),
+        ("dk", "k"),
+        ("dv", "v"),
+        ("dg", "a"),
+        ("dbeta", "b"),
+        ("da", "a"),
+        ("db", "b"),
+    ):
         assert out[name].shape == x[like].shape, name
     for name in ("dA_log", "ddt_bias"):
         assert torch.equal(out[name], torch.zeros_like(out[name])), name
@@ -195,13 +209,15 @@ def test_segment_empty_batch_returns_the_state(algorithm):
 
 def test_segment_auto_picks_chunk_for_long_segments(monkeypatch):
     """algorithm='auto': the chunked form from CHUNK_MIN_LEN tokens on, the recurrence below; bad names raise."""
-    from apollo_fast.kernels import gdn_chunk, gdn_delta_rule
+    from apollo_fast.kernels import gdn_chunk, gdn_recurrent
 
     from apollo_fast.gdn import delta_rule
 
     calls = []
-    for mod, name, tag in ((gdn_chunk, "chunk_delta_rule_fwd", "chunk"),
-                           (gdn_delta_rule, "segment_delta_rule_fwd", "recurrent")):
+    for mod, name, tag in (
+        (gdn_chunk, "chunk_delta_rule_fwd", "chunk"),
+        (gdn_recurrent, "segment_delta_rule_fwd", "recurrent"),
+    ):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, _t=tag: calls.append(_t) or _r(*a))
     for T in (delta_rule.CHUNK_MIN_LEN - 1, delta_rule.CHUNK_MIN_LEN):

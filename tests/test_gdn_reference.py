@@ -11,11 +11,11 @@ from gdn_common import make_inputs
 from helpers import assert_close
 
 from apollo_fast.gdn import gate, segment_delta_rule
-from apollo_fast.gdn.reference import gate_ref, segment_delta_rule_ref
+from apollo_fast.gdn.naive import gate_ref, segment_delta_rule_ref
 
 
 def test_gate_ref_gradients_match_the_closed_forms():
-    """da = dg (-A sigmoid(x)), d dt_bias = sum da, d A_log = sum dg g, db = dbeta beta (1 - beta) (gdn-notes)."""
+    """da = dg (-A sigmoid(x)), d dt_bias = sum da, d A_log = sum dg g, db = dbeta beta (1 - beta) (docs/gdn.md)."""
     x = make_inputs(2, 9, 1, 3, 4, 4, seed=1)
     a, b = x["a"].double().requires_grad_(), x["b"].double().requires_grad_()
     A_log, dt_bias = x["A_log"].double().requires_grad_(), x["dt_bias"].double().requires_grad_()

@@ -43,14 +43,14 @@ def _run_compile(*args: str) -> str:
 def test_apollo_kernels_compile_for_sm90(tmp_path):
     import json
 
-    from apollo_fast.kernels import adamw, apollo_project, apollo_update, philox
+    from apollo_fast.kernels import apollo_adamw, apollo_philox, apollo_project, apollo_update
     from launch_recorder import record, unique
 
     from apollo_fast import APOLLO
 
     configs = [dict(dtype=torch.float32, capturable=False, scale_type="channel", state_dtype=torch.float32),
                dict(dtype=torch.bfloat16, capturable=True, scale_type="tensor", state_dtype=torch.bfloat16)]
-    with record([philox, apollo_project, apollo_update, adamw]) as jobs:
+    with record([apollo_philox, apollo_project, apollo_update, apollo_adamw]) as jobs:
         for cfg in configs:
             dtype, state_dtype = cfg.pop("dtype"), cfg.pop("state_dtype")
             params = [torch.nn.Parameter(torch.randn(300, 260, dtype=dtype)),  # tall and wide, rank 256

@@ -1,8 +1,8 @@
 """Per-architecture adapters: which transformers modules a frozen-context forward drives, and how.
 
-We never call a decoder layer's or a token mixer's `forward` (transformers' cache writes into its
-GDN state in place, see gdn-notes.md); we call the position-wise sub-modules (norms, projections,
-MLP/MoE, gated norm) and do the token mixing (attention, causal conv, delta rule) ourselves.
+We never call a decoder layer's or a token mixer's `forward` (transformers' cache writes into its GDN state
+in place, so a frozen context would be overwritten); we call the position-wise sub-modules (norms,
+projections, MLP/MoE, gated norm) and do the token mixing (attention, causal conv, delta rule) ourselves.
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ class GDNAdapter:
     num_v_heads: int
     head_k_dim: int
     head_v_dim: int
-    conv_kernel: int
     fused_projections: bool  # Qwen3-Next: in_proj_qkvz / in_proj_ba grouped per key head
 
     @property
@@ -103,10 +102,6 @@ class GDNAdapter:
     @property
     def value_dim(self) -> int:
         return self.num_v_heads * self.head_v_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return 2 * self.key_dim + self.value_dim
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> qkv [B, T, 2*Hk*dk + Hv*dv] (conv input), z [B, T, Hv, dv], b, a [B, T, Hv]."""
@@ -185,7 +180,6 @@ def _gdn_adapter(module: nn.Module) -> GDNAdapter:
         num_v_heads=module.num_v_heads,
         head_k_dim=module.head_k_dim,
         head_v_dim=module.head_v_dim,
-        conv_kernel=module.conv_kernel_size,
         fused_projections=hasattr(module, "in_proj_qkvz"),
     )
 

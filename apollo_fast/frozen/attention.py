@@ -4,29 +4,27 @@ q [B, H, T, D] at absolute positions Lc..Lc+T-1 attends to every key of the froz
 (constants: never receive gradient, never written) and causally to the segment's own k, v [B, Hkv, T, D].
 GQA: query head h uses kv head h // (H / Hkv); K/V are never repeated per head.
 
-Backends (the `backend` keyword of `attend_after_context`):
-  triton  the flash-attention kernels of `apollo_fast.kernels.frozen_attention`: the context is read in place
-          (one copy serves every batch row), nothing is saved for backward but q, k, v, o and an fp32
-          logsumexp per query row, and the context gets no gradient buffer. CUDA tensors (CPU tensors only
-          under TRITON_INTERPRET=1, in tests); no dropout.
-  torch   plain PyTorch, exact in fp32: scores against the context by a matmul that broadcasts the shared
-          context over the batch (no expanded copy), scores against the segment apart, merged with a shared
-          row max and denominator; autograd does the backward. Saves the context's softmax numerators
-          [B, H, T, Lc] (fp32) for backward.
-  auto    triton for CUDA tensors without dropout, head dim <= 256 and a 16/32-bit float dtype; torch otherwise.
-Without a context (None or Lc = 0) `auto` and `torch` call PyTorch's causal SDPA.
+Backends (the `backend` keyword of `attend_after_context`; the rule is apollo_fast.backend's):
+  triton     the flash-attention kernels of `apollo_fast.kernels.frozen_attention`: the context is read in place
+             (one copy serves every batch row), nothing is saved for backward but q, k, v, o and an fp32
+             logsumexp per query row, and the context gets no gradient buffer. No dropout, head dim <= 256,
+             fp16/bf16/fp32.
+  reference  plain PyTorch, exact in fp32: scores against the context by a matmul that broadcasts the shared
+             context over the batch (no expanded copy), scores against the segment apart, merged with a shared
+             row max and denominator; autograd does the backward. Saves the context's softmax numerators
+             [B, H, T, Lc] (fp32) for backward. Without a context (None or Lc = 0): PyTorch's causal SDPA.
+The specification both are tested against: apollo_fast.reference.frozen_context.attend_after_context_ref.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from ..backend import resolve_backend
+
 __all__ = ["attend_after_context"]
 
-BACKENDS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
 
@@ -60,28 +58,15 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA devices, and on the CPU only under the interpreter (TRITON_INTERPRET=1)."""
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-def _resolve_backend(backend: str, q: torch.Tensor, dropout_p: float) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"attend_after_context: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        if dropout_p > 0:
-            raise ValueError("attend_after_context: backend='triton' has no dropout; use dropout_p=0 or 'torch'")
-        if not _triton_usable(q.device):
-            raise ValueError(
-                f"attend_after_context: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}"
-            )
-        if q.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"attend_after_context: backend='triton' supports {_TRITON_DTYPES}, got {q.dtype}")
-        return backend
-    if backend == "auto":
-        fits = q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
-        return "triton" if q.device.type == "cuda" and dropout_p == 0 and fits else "torch"
-    return backend
+def _triton_gap(q: torch.Tensor, dropout_p: float) -> str | None:
+    """Why the Triton kernels cannot serve this call, or None."""
+    if dropout_p > 0:
+        return "dropout (the kernels have no dropout; pass dropout_p=0)"
+    if q.dtype not in _TRITON_DTYPES:
+        return f"dtype {q.dtype}"
+    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {_TRITON_MAX_HEAD_DIM}"
+    return None
 
 
 def _check_shapes(q, k, v, ctx_k, ctx_v) -> None:
@@ -116,7 +101,7 @@ def _from_ctx_rows(x: torch.Tensor, bsz: int, shared: bool) -> torch.Tensor:
     return x.reshape(x.shape[1], bsz, x.shape[2] // bsz, *x.shape[3:]).transpose(0, 1)
 
 
-def _attend_torch(q, k, v, ctx_k, ctx_v, scaling: float, dropout_p: float) -> torch.Tensor:
+def _attend_reference(q, k, v, ctx_k, ctx_v, scaling: float, dropout_p: float) -> torch.Tensor:
     """Exact plain-PyTorch attention after the context (fp32 math, fp64 for fp64 inputs); see the module doc."""
     bsz, heads, t, d = q.shape
     kv_heads = k.shape[1]
@@ -156,12 +141,14 @@ def attend_after_context(
     """Causal softmax attention of q [B, H, T, D] over frozen ctx_k/v [B|1, Hkv, Lc, D] then k, v [B, Hkv, T, D].
 
     Returns o [B, H, T, D] in q's dtype. ctx_k/ctx_v may be None (no context); they are only read and never get a
-    gradient. backend: 'auto' | 'torch' | 'triton' (see the module doc; 'triton' raises where it cannot run).
+    gradient. backend: 'auto' | 'reference' | 'triton' (see the module doc; 'triton' raises where it cannot run).
     """
     _check_shapes(q, k, v, ctx_k, ctx_v)
     if ctx_k is not None and ctx_k.shape[2] == 0:
         ctx_k = ctx_v = None
-    if _resolve_backend(backend, q, dropout_p) == "triton":
+    devices = {t.device for t in (q, k, v, ctx_k, ctx_v) if t is not None}
+    chosen = resolve_backend(backend, devices, op="attend_after_context", unsupported=_triton_gap(q, dropout_p))
+    if chosen == "triton":
         ctx_k = None if ctx_k is None else ctx_k.detach()
         ctx_v = None if ctx_v is None else ctx_v.detach()
         return _FrozenAttentionFunction.apply(q, k, v, ctx_k, ctx_v, float(scaling))
@@ -170,4 +157,4 @@ def attend_after_context(
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scaling, dropout_p=dropout_p, enable_gqa=groups > 1
         )
-    return _attend_torch(q, k, v, ctx_k, ctx_v, scaling, dropout_p)
+    return _attend_reference(q, k, v, ctx_k, ctx_v, scaling, dropout_p)

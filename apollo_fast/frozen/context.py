@@ -87,11 +87,12 @@ def _own(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_context(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, backend: str = "auto"
 ) -> FrozenContext:
     """Run the context input_ids [Bc, Lc] once without gradients; return its read-only per-layer state.
 
     attention_mask, if given, must be all ones: padded contexts are not supported (encode each alone).
+    backend: where attention and the GDN layers run ('auto' | 'reference' | 'triton', apollo_fast.backend).
     """
     parts = model_parts(model)
     ids = check_ids("input_ids", input_ids, model)
@@ -101,7 +102,7 @@ def encode_context(
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
         if not bool((mask == 1).all()):
             raise ValueError("encode_context: padded contexts are not supported; encode each context on its own")
-    _, states = run_layers(parts, ids, 0, None, want_states=True)
+    _, states = run_layers(parts, ids, 0, None, want_states=True, backend=backend)
     # Own copies: views would keep the whole context's activations alive and share storage.
     states_t = tuple((_own(a), _own(b)) for a, b in states)
     versions = tuple(t._version for pair in states_t for t in pair)

@@ -13,35 +13,42 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..gdn import gate, segment_delta_rule
 from .adapters import AttentionAdapter, GDNAdapter, ModelParts, rotary_cos_sin
 from .attention import attend_after_context
-from .gdn_ops import causal_conv_with_prefix, delta_rule, gdn_gate
+from .conv import causal_conv_with_prefix
 
-__all__ = ["run_layers", "attend_after_context"]
+__all__ = ["run_layers"]
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # attention: (k, v); GDN: (conv prefix, recurrent state)
 
 
 def _attention_mixer(
-    mixer: AttentionAdapter, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], state: LayerState | None
+    mixer: AttentionAdapter,
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    state: LayerState | None,
+    backend: str,
 ) -> tuple[torch.Tensor, LayerState]:
-    q, k, v, gate = mixer.project(x, *rope)
+    q, k, v, out_gate = mixer.project(x, *rope)
     ctx_k, ctx_v = state if state is not None else (None, None)
     module = mixer.module
     dropout = float(getattr(module, "attention_dropout", 0.0)) if module.training else 0.0
-    o = attend_after_context(q, k, v, ctx_k, ctx_v, mixer.scaling, dropout)
-    return mixer.output(o, gate), (k, v)
+    o = attend_after_context(q, k, v, ctx_k, ctx_v, mixer.scaling, dropout, backend=backend)
+    return mixer.output(o, out_gate), (k, v)
 
 
 def _gdn_mixer(
-    mixer: GDNAdapter, x: torch.Tensor, state: LayerState | None, want_state: bool
+    mixer: GDNAdapter, x: torch.Tensor, state: LayerState | None, want_state: bool, backend: str
 ) -> tuple[torch.Tensor, LayerState | None]:
     qkv, z, b, a = mixer.project(x)
     conv_prefix, recurrent = state if state is not None else (None, None)
     conv_out, new_prefix = causal_conv_with_prefix(qkv, conv_prefix, mixer.conv_weight)
     q, k, v = mixer.split_heads(conv_out)
-    g, beta = gdn_gate(a, b, mixer.module.A_log, mixer.module.dt_bias)
-    o, new_recurrent = delta_rule(q, k, v, g, beta, recurrent, output_final_state=want_state)
+    g, beta = gate(a, b, mixer.module.A_log, mixer.module.dt_bias, backend=backend)
+    o, new_recurrent = segment_delta_rule(
+        q, k, v, g, beta, recurrent, output_final_state=want_state, backend=backend
+    )
     out = mixer.output(o, z)
     return out, ((new_prefix, new_recurrent) if want_state else None)
 
@@ -52,14 +59,15 @@ def _layer(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     state: LayerState | None,
     want_state: bool,
+    backend: str,
     h: torch.Tensor,
 ) -> tuple[torch.Tensor, LayerState | None]:
     """One decoder layer (pre-norm residual mixer, then pre-norm residual MLP/MoE) on h [B, T, d]."""
     x = layer.input_layernorm(h)
     if isinstance(mixer, AttentionAdapter):
-        mixed, new_state = _attention_mixer(mixer, x, rope, state)
+        mixed, new_state = _attention_mixer(mixer, x, rope, state, backend)
     else:
-        mixed, new_state = _gdn_mixer(mixer, x, state, want_state)
+        mixed, new_state = _gdn_mixer(mixer, x, state, want_state, backend)
     h = h + mixed
     y = layer.mlp(layer.post_attention_layernorm(h))
     if isinstance(y, tuple):  # MoE blocks may return (hidden, router_logits)
@@ -67,8 +75,8 @@ def _layer(
     return h + y, (new_state if want_state else None)
 
 
-def _layer_hidden_only(layer, mixer, rope, state, h: torch.Tensor) -> torch.Tensor:
-    return _layer(layer, mixer, rope, state, False, h)[0]
+def _layer_hidden_only(layer, mixer, rope, state, backend, h: torch.Tensor) -> torch.Tensor:
+    return _layer(layer, mixer, rope, state, False, backend, h)[0]
 
 
 def run_layers(
@@ -79,11 +87,13 @@ def run_layers(
     *,
     want_states: bool,
     gradient_checkpointing: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, list[LayerState] | None]:
     """input_ids [B, T] at positions offset.. -> last hidden state [B, T, d] (before the final norm), new states.
 
     states: per layer, the frozen context's (k, v) or (conv prefix, recurrent state), or None (no context).
     Gradient checkpointing recomputes each layer in backward; that is safe because the states are read-only.
+    backend: where attention and the GDN gate / delta rule run ('auto' | 'reference' | 'triton').
     """
     h = parts.embed(input_ids)
     rope = None
@@ -94,10 +104,10 @@ def run_layers(
     for i, (layer, mixer) in enumerate(zip(parts.layers, parts.mixers, strict=True)):
         state = None if states is None else states[i]
         if gradient_checkpointing and not want_states and torch.is_grad_enabled():
-            fn = partial(_layer_hidden_only, layer, mixer, rope, state)
+            fn = partial(_layer_hidden_only, layer, mixer, rope, state, backend)
             h = checkpoint(fn, h, use_reentrant=False)
             continue
-        h, new_state = _layer(layer, mixer, rope, state, want_states, h)
+        h, new_state = _layer(layer, mixer, rope, state, want_states, backend, h)
         if new_states is not None:
             new_states.append(new_state)
     return h, new_states

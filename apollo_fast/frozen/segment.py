@@ -77,11 +77,17 @@ def prepare_segment(
     return ids, labels, int(values[-1])
 
 
-def _hidden(model, context, ids, gradient_checkpointing: bool) -> tuple[ModelParts, torch.Tensor]:
+def _hidden(model, context, ids, gradient_checkpointing: bool, backend: str) -> tuple[ModelParts, torch.Tensor]:
     parts = model_parts(model)
     _check_context(parts, context, ids.shape[0])
     h, _ = run_layers(
-        parts, ids, context.length, context.states, want_states=False, gradient_checkpointing=gradient_checkpointing
+        parts,
+        ids,
+        context.length,
+        context.states,
+        want_states=False,
+        gradient_checkpointing=gradient_checkpointing,
+        backend=backend,
     )
     return parts, parts.final_norm(h)
 
@@ -93,10 +99,11 @@ def segment_logits(
     attention_mask: torch.Tensor | None = None,
     *,
     gradient_checkpointing: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Logits [B, T, V] of segment tokens input_ids [B, T] placed right after the context (positions Lc..Lc+T-1)."""
     ids, _, _ = prepare_segment(model, input_ids, None, attention_mask)
-    parts, h = _hidden(model, context, ids, gradient_checkpointing)
+    parts, h = _hidden(model, context, ids, gradient_checkpointing, backend)
     return parts.lm_head(h)
 
 
@@ -108,12 +115,14 @@ def segment_loss(
     attention_mask: torch.Tensor | None = None,
     *,
     gradient_checkpointing: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Mean next-token cross-entropy (fp32 scalar) over the segment's target tokens, after the frozen context.
 
     labels [B, T] follow transformers: shifted inside (position t predicts labels[t+1]), -100 ignored, default the
     segment itself; attention_mask [B, T] right-padded. The mean is over all target tokens of the batch.
-    Differentiable w.r.t. the model's parameters, never w.r.t. the context.
+    Differentiable w.r.t. the model's parameters, never w.r.t. the context. backend: where attention and the GDN
+    layers run ('auto' | 'reference' | 'triton', apollo_fast.backend).
     """
     ids, labels, count = prepare_segment(model, input_ids, labels, attention_mask)
     if count == 0:
@@ -122,7 +131,7 @@ def segment_loss(
             "least one label != -100 after its first position"
         )
     targets = labels[:, 1:]
-    parts, h = _hidden(model, context, ids, gradient_checkpointing)
+    parts, h = _hidden(model, context, ids, gradient_checkpointing, backend)
     logits = parts.lm_head(h[:, :-1]).float()
     loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

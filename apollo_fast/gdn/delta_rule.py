@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
-from .reference import L2NORM_EPS, segment_delta_rule_ref
+from ..backend import resolve_backend
+from .naive import L2NORM_EPS, chunk_delta_rule_ref, segment_delta_rule_ref
 
 __all__ = ["segment_delta_rule"]
 
 ALGORITHMS = ("auto", "chunk", "recurrent")
-CHUNK_SIZE = 32  # tokens per chunk of the WY form: at 64 the backward needs more than sm_90's 227 KiB of shared memory
+CHUNK_SIZE = 32  # tokens per chunk of the WY kernels: at 64 the backward needs > 227 KiB of shared memory (sm_90)
 CHUNK_MIN_LEN = 16  # 'auto' runs shorter segments token by token: a chunk would be mostly padding
 
 
@@ -20,11 +20,11 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, l2norm, output_final_state, algo,
                 block, save):
-        from apollo_fast.kernels import gdn_chunk, gdn_delta_rule
+        from apollo_fast.kernels import gdn_chunk, gdn_recurrent
 
         q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
         g = g.float().contiguous()
-        fwd = gdn_chunk.chunk_delta_rule_fwd if algo == "chunk" else gdn_delta_rule.segment_delta_rule_fwd
+        fwd = gdn_chunk.chunk_delta_rule_fwd if algo == "chunk" else gdn_recurrent.segment_delta_rule_fwd
         o, ht, ckpt = fwd(
             q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, L2NORM_EPS, l2norm, output_final_state, save,
             block,
@@ -37,7 +37,7 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht=None):
-        from apollo_fast.kernels import gdn_chunk, gdn_delta_rule
+        from apollo_fast.kernels import gdn_chunk, gdn_recurrent
 
         q, k, v, g, beta, ckpt, cu_seqlens = ctx.saved_tensors
         n_seq, scale, l2norm, algo, block = ctx.meta
@@ -46,7 +46,7 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
         group = HV // HK
         if do is None:
             do = torch.zeros_like(v)
-        bwd = gdn_chunk.chunk_delta_rule_bwd if algo == "chunk" else gdn_delta_rule.segment_delta_rule_bwd
+        bwd = gdn_chunk.chunk_delta_rule_bwd if algo == "chunk" else gdn_recurrent.segment_delta_rule_bwd
         dq_p, dk_p, dv, dg_p, dbeta_p = bwd(
             q, k, v, g, beta, ckpt, do.contiguous(), None if dht is None else dht.float().contiguous(),
             cu_seqlens, n_seq, scale, L2NORM_EPS, l2norm, block,
@@ -141,25 +141,32 @@ def segment_delta_rule(
     [B, T, Hv]; initial_state [B|N|1, Hv, K, V] fp32 or None (zeros). Per token: S <- exp(g) S;
     S <- S + k (beta (v - S^T k))^T; o = S^T (scale q). Returns o [B, T, Hv, V] in v's dtype and the final
     state [B|N, Hv, K, V] fp32 (None unless output_final_state); differentiable w.r.t. q, k, v, g, beta.
-    algorithm (Triton backend): 'chunk' (WY form, chunks of 64 tokens on tensor cores), 'recurrent' (token by
-    token) or 'auto' (chunk from CHUNK_MIN_LEN tokens on, recurrent below).
+    backend: 'auto' | 'reference' | 'triton' (apollo_fast.backend; fp64 inputs run on the reference).
+    algorithm: 'chunk' (the WY form: chunks of 32 tokens on tensor cores in Triton, 64 in the reference),
+    'recurrent' (token by token) or 'auto' (chunk from CHUNK_MIN_LEN tokens on, recurrent below).
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"segment_delta_rule: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     n_seq, max_len = _validate(q, k, v, g, beta, initial_state, cu_seqlens)
     K = q.shape[3]
     scale = K**-0.5 if scale is None else float(scale)
-    kwargs = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state)
-    if resolve_backend(backend, q.device) == "reference" or torch.float64 in (q.dtype, k.dtype, v.dtype, g.dtype):
-        return segment_delta_rule_ref(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens, **kwargs)
-    from apollo_fast.kernels.gdn_delta_rule import default_ckpt_every
-
     if algorithm == "auto":
         algorithm = "chunk" if max_len >= CHUNK_MIN_LEN else "recurrent"
+    fp64 = torch.float64 in (q.dtype, k.dtype, v.dtype, g.dtype)
+    tensors = (q, k, v, g, beta)
+    chosen = resolve_backend(
+        backend, {t.device for t in tensors}, op="segment_delta_rule", unsupported="fp64 inputs" if fp64 else None
+    )
+    kwargs = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state)
+    if chosen == "reference":
+        ref = chunk_delta_rule_ref if algorithm == "chunk" else segment_delta_rule_ref
+        return ref(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens, **kwargs)
+    from apollo_fast.kernels.gdn_recurrent import default_ckpt_every
+
     block = CHUNK_SIZE if algorithm == "chunk" else default_ckpt_every(max_len)
     h0 = None if initial_state is None else initial_state.detach().float().contiguous()
     # checkpoints for the backward only when one can happen (needs_input_grad is also set under no_grad)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out = _SegmentDeltaRuleFunction.apply(
         q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, bool(use_qk_l2norm), bool(output_final_state),
         algorithm, block, save,

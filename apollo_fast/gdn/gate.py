@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import resolve_backend
-from .reference import gate_ref
+from ..backend import resolve_backend
+from .naive import gate_ref
 
 __all__ = ["gate"]
 
@@ -60,8 +60,11 @@ def gate(
     a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """a, b [B, T, Hv] (any strides); A_log, dt_bias [Hv] -> g = -exp(A_log) softplus(a + dt_bias) fp32 and
-    beta = sigmoid(b) in b's dtype, both [B, T, Hv]; differentiable w.r.t. all four inputs."""
+    beta = sigmoid(b) in b's dtype, both [B, T, Hv]; differentiable w.r.t. all four inputs.
+    backend: 'auto' | 'reference' | 'triton' (apollo_fast.backend; fp64 inputs run on the reference)."""
     _validate(a, b, A_log, dt_bias)
-    if resolve_backend(backend, a.device) == "reference" or a.dtype == torch.float64:
+    fp64 = torch.float64 in (a.dtype, b.dtype, A_log.dtype, dt_bias.dtype)
+    chosen = resolve_backend(backend, {a.device}, op="gate", unsupported="fp64 inputs" if fp64 else None)
+    if chosen == "reference":
         return gate_ref(a, b, A_log, dt_bias)
     return _GateFunction.apply(a, b, A_log, dt_bias)

@@ -1,8 +1,8 @@
 """The APOLLO and AdamW updates for one tensor, in plain fp32 PyTorch: the specification.
 
-Every fast backend must compute these functions. Math follows ../shared/docs/apollo-spec.md
-(APOLLO, arXiv 2412.05270, as apollo-torch 1.0.3 computes it). Nothing here allocates optimizer
-state or decides which parameter gets which rule: that is `apollo_fast.optim`.
+Every fast backend must compute these functions. The math (docs/apollo.md) is APOLLO, arXiv 2412.05270,
+as apollo-torch 1.0.3 computes it. Nothing here allocates optimizer state or decides which parameter
+gets which rule: that is `apollo_fast.optim`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,20 @@ import torch
 
 from .projection import channel_major
 
-__all__ = ["apollo_step_size", "apollo_update", "adamw_update"]
+__all__ = ["apollo_step_size", "apollo_update", "adamw_update", "bias_corrections"]
 
 _NORM_EPS = 1e-8  # the official code's epsilon in the scaling factor and the limiter
 
 
+def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """Adam's bias corrections (1 - b1^t, 1 - b2^t) for step t (1-based)."""
+    return 1.0 - beta1**step, 1.0 - beta2**step
+
+
 def apollo_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     """eta_t = lr * sqrt(1 - b2^t) / (1 - b1^t): Adam's bias correction applied to the step size."""
-    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    bc1, bc2 = bias_corrections(beta1, beta2, step)
+    return lr * math.sqrt(bc2) / bc1
 
 
 @torch.no_grad()
@@ -112,7 +118,6 @@ def adamw_update(
         w = w * (1.0 - lr * weight_decay)
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    bc1 = 1.0 - beta1**step
-    bc2_sqrt = math.sqrt(1.0 - beta2**step)
-    denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
+    bc1, bc2 = bias_corrections(beta1, beta2, step)
+    denom = exp_avg_sq.sqrt() / math.sqrt(bc2) + eps
     param.copy_(w - (lr / bc1) * exp_avg / denom)

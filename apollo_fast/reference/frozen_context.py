@@ -1,6 +1,6 @@
 """Reference for frozen-context training: one full-sequence forward of context + segment, no cache.
 
-The spec (gdn-notes.md): the segment's loss is differentiated through everything the segment computes, with
+The spec (docs/gdn.md): the segment's loss is differentiated through everything the segment computes, with
 the context's activations held constant. Information reaches a segment position from context positions only
 through the token-mixing operations (attention keys/values, the GDN causal conv, the GDN recurrence); every
 other operation is position-wise. So this reference runs the whole sequence and stops the gradient of the

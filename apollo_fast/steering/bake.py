@@ -15,8 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..optim import APOLLO
-from ..param_groups import apollo_param_groups
+from ..optim import APOLLO, apollo_param_groups
 from .hooks import steer
 from .pairs import encode, pad_batch
 from .vector import SteeringVector

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..optim import APOLLO
-from ..param_groups import apollo_param_groups
+from ..optim import APOLLO, apollo_param_groups
 from . import steps as _steps
 from .checkpoint import (
     CHECKPOINT_DIR,

@@ -12,7 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tables as T
+from .apollo_tables import (
+    AP_D,
+    AP_KEY_HI,
+    AP_KEY_LO,
+    AP_P,
+    AP_RANK,
+    AP_STEP,
+    AP_TILE_PX,
+    AP_WIDTH,
+    APD_REFRESH,
+    APD_WIDTH,
+    field_ptr,
+    row_of,
+)
 
 PHILOX_BLOCK = 1024
 
@@ -20,16 +33,6 @@ _M0 = tl.constexpr(0xD2511F53)
 _M1 = tl.constexpr(0xCD9E8D57)
 _W0 = tl.constexpr(0x9E3779B9)
 _W1 = tl.constexpr(0xBB67AE85)
-_P = tl.constexpr(T.AP_P)
-_R = tl.constexpr(T.AP_RANK)
-_D = tl.constexpr(T.AP_D)
-_KEY_LO = tl.constexpr(T.AP_KEY_LO)
-_KEY_HI = tl.constexpr(T.AP_KEY_HI)
-_DYN_REFRESH = tl.constexpr(T.APD_REFRESH)
-_DYN_WIDTH = tl.constexpr(T.APD_WIDTH)
-_STEP = tl.constexpr(T.AP_STEP)
-_TILE0 = tl.constexpr(T.AP_TILE_PX)
-_WIDTH = tl.constexpr(T.AP_WIDTH)
 
 
 @triton.jit
@@ -98,27 +101,25 @@ def _philox_projection_fwd_kernel(
     only on refresh steps, still without the host knowing the step.
     """
     pid = tl.program_id(0)
-    mat = tl.load(tile_map + pid).to(tl.int64)
-    row = meta + mat * _WIDTH
-    p_ptr = tl.load(row + _P).to(tl.pointer_type(tl.float32))
-    r = tl.load(row + _R)
-    d = tl.load(row + _D)
-    tile0 = tl.load(row + _TILE0)
+    row, mat = row_of(meta, tile_map, pid, AP_WIDTH)
+    p_ptr = field_ptr(row, AP_P, tl.float32)
+    r = tl.load(row + AP_RANK)
+    d = tl.load(row + AP_D)
+    tile0 = tl.load(row + AP_TILE_PX)
     offs = (pid - tile0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < r * d
     if CAPTURABLE:
-        step_ptr = tl.load(row + _STEP).to(tl.pointer_type(tl.float32))
-        step = tl.load(step_ptr)
+        step = tl.load(field_ptr(row, AP_STEP, tl.float32))
         refresh = ((step.to(tl.int64) - 1) // gap).to(tl.uint32)  # integer division: exact at multiples of gap
     else:
-        refresh = tl.load(dyn + mat * _DYN_WIDTH + _DYN_REFRESH).to(tl.uint32)
+        refresh = tl.load(dyn + mat * APD_WIDTH + APD_REFRESH).to(tl.uint32)
     held = refresh.to(tl.int64) + 1
     if tl.load(tile_refresh + pid) == held:
         return
     c0 = offs.to(tl.uint32)
     c1 = tl.zeros_like(c0) + refresh
-    k0 = tl.zeros_like(c0) + tl.load(row + _KEY_LO).to(tl.uint32)
-    k1 = tl.zeros_like(c0) + tl.load(row + _KEY_HI).to(tl.uint32)
+    k0 = tl.zeros_like(c0) + tl.load(row + AP_KEY_LO).to(tl.uint32)
+    k1 = tl.zeros_like(c0) + tl.load(row + AP_KEY_HI).to(tl.uint32)
     z = _philox_normal(c0, c1, k0, k1)
     inv_sqrt_r = 1.0 / tl.sqrt(r.to(tl.float32))
     tl.store(p_ptr + offs, z * inv_sqrt_r, mask=mask)

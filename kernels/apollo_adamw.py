@@ -11,19 +11,22 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tables as T
-
-_P = tl.constexpr(T.AW_P)
-_G = tl.constexpr(T.AW_G)
-_M = tl.constexpr(T.AW_M)
-_V = tl.constexpr(T.AW_V)
-_N = tl.constexpr(T.AW_N)
-_TILE = tl.constexpr(T.AW_TILE)
-_STEP = tl.constexpr(T.AW_STEP)
-_DYN_STEP_SIZE = tl.constexpr(T.AWD_STEP_SIZE)
-_DYN_BC2 = tl.constexpr(T.AWD_BC2)
-_DYN_WIDTH = tl.constexpr(T.AWD_WIDTH)
-_WIDTH = tl.constexpr(T.AW_WIDTH)
+from .apollo_tables import (
+    AW_G,
+    AW_M,
+    AW_N,
+    AW_P,
+    AW_STEP,
+    AW_TILE,
+    AW_V,
+    AW_WIDTH,
+    AWD_BC2,
+    AWD_STEP_SIZE,
+    AWD_WIDTH,
+    bias_corrections,
+    field_ptr,
+    row_of,
+)
 
 ADAMW_BLOCK = 2048
 
@@ -32,10 +35,10 @@ ADAMW_BLOCK = 2048
 def _nonfinite_check_fwd_kernel(meta, tile_map, found, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     """found <- 1 when any gradient element of this tile is inf or NaN."""
     pid = tl.program_id(0)
-    row = meta + tl.load(tile_map + pid).to(tl.int64) * _WIDTH
-    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
-    n = tl.load(row + _N)
-    offs = (pid - tl.load(row + _TILE)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row, _ = row_of(meta, tile_map, pid, AW_WIDTH)
+    g_ptr = field_ptr(row, AW_G, G_DTYPE)
+    n = tl.load(row + AW_N)
+    offs = (pid - tl.load(row + AW_TILE)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     bad = tl.max(((g * 0.0) != 0.0).to(tl.int32), axis=0)
     if bad > 0:
@@ -71,23 +74,22 @@ def _adamw_fwd_kernel(
         if tl.load(found) != 0:
             return
     pid = tl.program_id(0)
-    mat = tl.load(tile_map + pid).to(tl.int64)
-    row = meta + mat * _WIDTH
-    p_ptr = tl.load(row + _P).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + _G).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(row + _M).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + _V).to(tl.pointer_type(tl.float32))
-    n = tl.load(row + _N)
-    offs = (pid - tl.load(row + _TILE)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row, mat = row_of(meta, tile_map, pid, AW_WIDTH)
+    p_ptr = field_ptr(row, AW_P, P_DTYPE)
+    g_ptr = field_ptr(row, AW_G, G_DTYPE)
+    m_ptr = field_ptr(row, AW_M, tl.float32)
+    v_ptr = field_ptr(row, AW_V, tl.float32)
+    n = tl.load(row + AW_N)
+    offs = (pid - tl.load(row + AW_TILE)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if CAPTURABLE:
-        step = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32)))
         lr = tl.load(lr_ptr).to(tl.float32)
-        step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
-        bc2 = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+        bc1, bc2 = bias_corrections(tl.load(field_ptr(row, AW_STEP, tl.float32)), beta1, beta2)
+        step_size = lr / bc1
+        bc2 = tl.sqrt(bc2)
     else:
-        step_size = tl.load(dyn + mat * _DYN_WIDTH + _DYN_STEP_SIZE).to(tl.float32)
-        bc2 = tl.load(dyn + mat * _DYN_WIDTH + _DYN_BC2).to(tl.float32)
+        step_size = tl.load(dyn + mat * AWD_WIDTH + AWD_STEP_SIZE).to(tl.float32)
+        bc2 = tl.load(dyn + mat * AWD_WIDTH + AWD_BC2).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
     w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)

@@ -13,7 +13,6 @@ so it is never stored. The state dict holds only tensors and Python scalars.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,18 +20,20 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .reference.apollo import adamw_update, apollo_update
-from .reference.projection import (
-    PROJECTIONS,
-    effective_rank,
-    official_next_seed,
-    official_projection,
-    philox_projection,
+from ..backend import resolve_backend
+from ..reference.projection import PROJECTIONS, effective_rank, official_next_seed, official_projection
+from .functional import AdamwLists, ApolloLists, Hyper, adamw_reference, apollo_reference
+from .fused import (
+    FusedLaunches,
+    fused_adamw,
+    fused_adamw_check,
+    fused_apollo_project,
+    fused_apollo_update,
+    tl_dtype,
 )
 
-__all__ = ["APOLLO", "NonFiniteGradientError", "BACKENDS"]
+__all__ = ["APOLLO", "NonFiniteGradientError"]
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
 NONFINITE_POLICIES = ("raise", "skip")
 APOLLO_MINI_ALPHA = math.sqrt(128.0)  # the official APOLLO-Mini `scale` is 128 = alpha^2
 
@@ -118,8 +119,8 @@ class APOLLO(Optimizer):
         nonfinite: 'raise' (default) raises NonFiniteGradientError naming the parameter when a
             gradient holds inf/NaN, before anything is changed; 'skip' skips the whole step
             (no parameter or state changes) and counts it in ``skipped_steps``.
-        backend: 'auto' (Triton on CUDA when available, else the reference), 'reference' (plain
-            fp32 PyTorch, any device), 'triton', 'cuda'.
+        backend: 'auto' (Triton when every parameter is on CUDA, else the reference), 'reference' (plain
+            fp32 PyTorch, any device) or 'triton' (the rule of apollo_fast.backend).
         capturable: (backend 'triton') step counters live on the device and lr may be a device
             tensor: step() makes no host sync and can be captured in a CUDA graph. Needs
             nonfinite='skip' (the skip is decided on the device) and projection='philox'.
@@ -155,8 +156,6 @@ class APOLLO(Optimizer):
             raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         defaults = dict(
             lr=lr,
             rank=rank,
@@ -181,10 +180,14 @@ class APOLLO(Optimizer):
         self.backend = backend
         self.capturable = capturable
         self.state_dtype = state_dtype
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # steps skipped for non-finite gradients (host-decided)
+        self.skipped_steps_device: dict[torch.device, torch.Tensor] = {}  # capturable 'skip': device counters
         self._param_index: dict[torch.Tensor, int] = {}
-        self._proj_cache: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
+        self._proj_cache: dict = {}  # regenerated Philox P~ of the reference backend
         self._shapes: dict[torch.Tensor, torch.Size] = {}  # shape each state was made for
+        self._launches: dict[int, FusedLaunches] = {}  # Triton launch tables per param group (by index)
+        self._found_inf: dict[torch.device, torch.Tensor] = {}
+        self._poison_scratch = False  # tests: NaN-fill the Triton backend's scratch before every launch
         super().__init__(params, defaults)
         self._backend_impl = self._resolve_backend(backend)
 
@@ -231,6 +234,7 @@ class APOLLO(Optimizer):
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.clone() if key == "step" else value.to(p.device, copy=True)
         self._proj_cache.clear()
+        self._launches.clear()  # their tables point at the replaced state tensors
         self._shapes = {p: p.shape for p in self.state}
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -238,44 +242,28 @@ class APOLLO(Optimizer):
                     have, need = tuple(self.state[p]["exp_avg"].shape), self._state_shape(group, p)
                     if have[0] != need[0] or (len(have) != len(need)):
                         raise ValueError(f"loaded state {have} does not fit {self._name(group, i, p)}")
-        if self._backend_impl == "triton":
-            self._fused.invalidate()  # its launch tables point at the replaced state tensors
 
     # -- the step -------------------------------------------------------------------------------
 
     def _resolve_backend(self, backend: str) -> str:
-        from .fused_apollo import FusedApollo, triton_usable
-
-        devices = {p.device for g in self.param_groups for p in g["params"]}
-        if backend == "auto":
-            on_cuda = bool(devices) and all(d.type == "cuda" and triton_usable(d) for d in devices)
-            backend = "triton" if on_cuda else "reference"
         if not isinstance(self.capturable, bool):
             raise ValueError(f"capturable must be True or False, got {self.capturable!r}")
         if self.state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
-        if backend == "reference":
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        chosen = resolve_backend(backend, devices, op="APOLLO")
+        if chosen == "reference":
             if self.capturable or self.state_dtype != torch.float32:
                 raise ValueError("capturable=True and state_dtype=torch.bfloat16 need backend='triton'")
-            return "reference"
-        if backend == "triton":
-            bad = sorted(str(d) for d in devices if not triton_usable(d))
-            if importlib.util.find_spec("triton") is None:
-                raise ValueError("backend='triton' needs the triton package (pip install triton)")
-            if bad:
-                raise ValueError(f"backend='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {bad}")
-            if self.capturable and self.nonfinite == "raise":
-                raise ValueError(
-                    "capturable=True with nonfinite='raise' is unsupported: raising needs a host sync; "
-                    "pass nonfinite='skip' (the skip is then decided on the device)"
-                )
-            if self.capturable and self.projection == "official":
-                raise ValueError(
-                    "capturable=True with projection='official' is unsupported (its redraw runs on the host)"
-                )
-            self._fused = FusedApollo(self)
-            return "triton"
-        raise NotImplementedError(f"backend={backend!r} is not available in this build; use 'triton' or 'reference'")
+            return chosen
+        if self.capturable and self.nonfinite == "raise":
+            raise ValueError(
+                "capturable=True with nonfinite='raise' is unsupported: raising needs a host sync; "
+                "pass nonfinite='skip' (the skip is then decided on the device)"
+            )
+        if self.capturable and self.projection == "official":
+            raise ValueError("capturable=True with projection='official' is unsupported (its redraw runs on the host)")
+        return chosen
 
     def _name(self, group: dict[str, Any], i: int, p: torch.Tensor) -> str:
         names = group.get("param_names")
@@ -285,12 +273,14 @@ class APOLLO(Optimizer):
     def _uses_apollo(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         return group["apollo"] and p.dim() == 2
 
-    def _collect(self) -> list[tuple[dict[str, Any], torch.Tensor, int]]:
-        """The (group, param, index in group) triples to update, after checking every gradient's form.
+    def _collect(self) -> list[tuple[int, dict[str, Any], list[tuple[int, torch.Tensor]]]]:
+        """Per param group with work: (group index, group, [(index in group, param)]), every gradient checked.
 
         Names are formatted only for errors: this runs every step, for every parameter."""
+        triton = self._backend_impl == "triton"
         work = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
+            entries = []
             for i, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
@@ -303,7 +293,11 @@ class APOLLO(Optimizer):
                     or (made_for is not None and made_for != p.shape)
                 ):
                     self._raise_bad_param(group, i, p, made_for)
-                work.append((group, p, i))
+                if triton:
+                    self._check_triton_param(group, i, p)
+                entries.append((i, p))
+            if entries:
+                work.append((gi, group, entries))
         return work
 
     def _raise_bad_param(self, group: dict[str, Any], i: int, p: torch.Tensor, made_for: Any) -> None:
@@ -316,25 +310,102 @@ class APOLLO(Optimizer):
             raise TypeError(f"APOLLO needs floating-point parameters: {name} is {p.dtype}")
         raise ValueError(f"{name} changed shape since its optimizer state was made for {tuple(made_for)}")
 
+    def _check_triton_param(self, group: dict[str, Any], i: int, p: torch.Tensor) -> None:
+        """What the Triton kernels need of a parameter, checked with its name before anything launches."""
+        if not p.is_contiguous():
+            raise ValueError(f"backend='triton' needs contiguous parameters: {self._name(group, i, p)} is not")
+        for dt in (p.dtype, p.grad.dtype):
+            tl_dtype(dt)  # raises TypeError naming an unsupported dtype
+        if self._uses_apollo(group, p) and self.projection == "philox" and p not in self._shapes:
+            if self._state_shape(group, p)[1] * min(p.shape) >= 2**32:
+                raise ValueError(
+                    f"{self._name(group, i, p)}: rank x min(m, n) must stay below 2**32 for the Philox projection"
+                )
+
     def _state_shape(self, group: dict[str, Any], p: torch.Tensor) -> tuple[int, ...]:
         if not self._uses_apollo(group, p):
             return tuple(p.shape)
         return (max(p.shape), effective_rank(group["rank"], p.shape, self.projection))
 
-    def _grads_finite(self, work: list[tuple[dict[str, Any], torch.Tensor, int]]) -> bool:
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        """The parameter's state, made on first use; placed as the backend needs it (capturable: step on the
+        device; bf16 moments with state_dtype)."""
+        state = self.state[p]
+        if "exp_avg" not in state:
+            shape = self._state_shape(group, p)
+            self._shapes[p] = p.shape
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            if self._uses_apollo(group, p):
+                state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                if self.projection == "official":
+                    state["proj_seed"] = self._param_index[p]
+        if self.capturable and state["step"].device != p.device:
+            state["step"] = state["step"].to(p.device, non_blocking=True)
+        elif not self.capturable and state["step"].device.type != "cpu":
+            state["step"] = state["step"].cpu()  # a state saved capturable, loaded here: one sync, once
+        if self._uses_apollo(group, p):
+            for k in ("exp_avg", "exp_avg_sq"):
+                if state[k].dtype != self.state_dtype:
+                    state[k] = state[k].to(self.state_dtype)
+        return state
+
+    def _official_projection(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """projection='official': the stored P~ for this step, redrawn at steps 1, T+1, 2T+1, ..."""
+        step = int(state["step"].item()) + 1  # a CPU tensor (official is never capturable): no sync
+        if "proj" not in state or (step - 1) % group["update_proj_gap"] == 0:
+            seed = state["proj_seed"]
+            rank, dim = state["exp_avg"].shape[1], min(p.shape)
+            state["proj"] = official_projection(rank, dim, seed, p.device, tall=p.shape[0] >= p.shape[1])
+            state["proj_seed"] = official_next_seed(seed)
+        return state["proj"]
+
+    def _lists(
+        self, group: dict[str, Any], entries: list[tuple[int, torch.Tensor]], undo: list
+    ) -> tuple[ApolloLists, AdamwLists]:
+        """The group's step inputs. `undo` receives what an 'official' redraw replaced, so that a step refused
+        for a non-finite gradient can put it back."""
+        ap = ApolloLists([], [], [], [], [], [], [], [])
+        aw = AdamwLists([], [], [], [], [])
+        contiguous = self._backend_impl == "triton"
+        for _, p in entries:
+            state = self._init_state(group, p)
+            grad = p.grad.contiguous() if contiguous else p.grad
+            if not self._uses_apollo(group, p):
+                for lst, v in zip(
+                    (aw.params, aw.grads, aw.exp_avgs, aw.exp_avg_sqs, aw.steps),
+                    (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"]),
+                    strict=True,
+                ):
+                    lst.append(v)
+                continue
+            proj = None
+            if self.projection == "official":
+                undo.append((state, {k: state[k] for k in ("proj", "proj_seed") if k in state}))
+                proj = self._official_projection(group, p, state)
+            for lst, v in zip(
+                (ap.params, ap.grads, ap.exp_avgs, ap.exp_avg_sqs, ap.limiter_norms, ap.steps, ap.keys, ap.projections),
+                (p, grad, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], state["step"],
+                 self._param_index[p] - 1, proj),
+                strict=True,
+            ):  # fmt: skip
+                lst.append(v)
+        return ap, aw
+
+    def _grads_finite(self, work: list) -> bool:
         """True when every gradient is finite; raises under nonfinite='raise'. One host sync."""
-        if not work:
-            return True
+        items = [(g, i, p) for _, g, entries in work for i, p in entries]
         by_device: dict[torch.device, list[int]] = {}
-        for i, (_, p, _) in enumerate(work):
-            by_device.setdefault(p.grad.device, []).append(i)
-        flags = torch.empty(len(work), dtype=torch.bool)
+        for k, (_, _, p) in enumerate(items):
+            by_device.setdefault(p.grad.device, []).append(k)
+        flags = torch.empty(len(items), dtype=torch.bool)
         for idx in by_device.values():  # one device-to-host copy per device
-            flags[idx] = torch.stack([torch.isfinite(work[i][1].grad).all() for i in idx]).cpu()
+            flags[idx] = torch.stack([torch.isfinite(items[k][2].grad).all() for k in idx]).cpu()
         if bool(flags.all()):
             return True
         if self.nonfinite == "raise":
-            bad = [self._name(g, i, p) for (g, p, i), ok in zip(work, flags.tolist(), strict=True) if not ok]
+            bad = [self._name(g, i, p) for (g, i, p), ok in zip(items, flags.tolist(), strict=True) if not ok]
             raise NonFiniteGradientError(
                 f"non-finite gradient (inf or NaN) in {', '.join(bad)}; nothing was updated. "
                 "Pass nonfinite='skip' to skip such steps instead."
@@ -349,84 +420,53 @@ class APOLLO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._collect()
+        if not work:
+            return loss
         if self._backend_impl == "triton":
-            self._fused.step(work)
-            return loss
-        if not self._grads_finite(work):
+            self._step_triton(work)
+        elif not self._grads_finite(work):
             self.skipped_steps += 1
-            return loss
-        for group, p, _ in work:
-            self._step_reference(group, p)
+        else:
+            for _, group, entries in work:
+                ap, aw = self._lists(group, entries, [])
+                hyper = Hyper.from_group(group, self.seed)
+                apollo_reference(ap, hyper, self._proj_cache)
+                adamw_reference(aw, hyper)
         return loss
 
-    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
-        state = self.state[p]
-        if "exp_avg" in state:
-            return state
-        shape = self._state_shape(group, p)
-        self._shapes[p] = p.shape
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        if self._uses_apollo(group, p):
-            state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            if self.projection == "official":
-                state["proj_seed"] = self._param_index[p]
-        return state
-
-    def _projection(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any], step: int):
-        """P~ (r x d, fp32) for this step: redrawn at steps 1, T+1, 2T+1, ..."""
-        rank = state["exp_avg"].shape[1]
-        dim = min(p.shape)
-        refresh = (step - 1) // group["update_proj_gap"]
-        if self.projection == "official":
-            if "proj" not in state or (step - 1) % group["update_proj_gap"] == 0:
-                seed = state["proj_seed"]
-                state["proj"] = official_projection(rank, dim, seed, p.device, tall=p.shape[0] >= p.shape[1])
-                state["proj_seed"] = official_next_seed(seed)
-            return state["proj"]
-        cached = self._proj_cache.get(p)
-        if cached is None or cached[0] != refresh:
-            proj = philox_projection(rank, dim, self._param_index[p] - 1, self.seed, refresh, p.device)
-            self._proj_cache[p] = cached = (refresh, proj)
-        return cached[1]
-
-    def _step_reference(self, group: dict[str, Any], p: torch.Tensor) -> None:
-        state = self._init_state(group, p)
-        state["step"] += 1
-        step = int(state["step"].item())  # a CPU tensor: no device sync
-        lr = float(group["lr"])
-        beta1, beta2 = group["betas"]
-        if self._uses_apollo(group, p):
-            apollo_update(
-                p,
-                p.grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                state["limiter_norm"],
-                self._projection(group, p, state, step),
-                step=step,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                alpha=group["alpha"],
-                scale_type=group["scale_type"],
-                norm_growth_limit=group["norm_growth_limit"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-            )
-        else:
-            adamw_update(
-                p,
-                p.grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                step=step,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
-            )
+    def _step_triton(self, work: list) -> None:
+        """Pass A and the AdamW checks for every group, the non-finite decision, then the updates."""
+        for dev in {p.device for _, _, entries in work for _, p in entries}:
+            if dev not in self._found_inf:
+                self._found_inf[dev] = torch.zeros((), dtype=torch.int32, device=dev)
+        for found in self._found_inf.values():
+            found.zero_()
+        cap = self.capturable
+        planned, undo = [], []
+        for gi, group, entries in work:
+            ap, aw = self._lists(group, entries, undo)
+            hyper = Hyper.from_group(group, self.seed)
+            launches = self._launches.get(gi)
+            if launches is None:
+                launches = self._launches[gi] = FusedLaunches(self._poison_scratch)
+            fused_apollo_project(ap, hyper, self._found_inf, launches, capturable=cap)
+            fused_adamw_check(aw, self._found_inf, launches, capturable=cap)
+            planned.append((ap, aw, hyper, launches))
+        if not cap and any(bool(f.item()) for f in self._found_inf.values()):  # the step's one host sync
+            for state, entries in undo:
+                state.pop("proj", None)
+                state.update(entries)
+            self._grads_finite(work)  # raises with the parameter names under nonfinite='raise'
+            self.skipped_steps += 1
+            return
+        skip = cap and self.nonfinite == "skip"
+        for ap, aw, hyper, launches in planned:
+            fused_apollo_update(ap, hyper, self._found_inf, launches, capturable=cap, skip_on_found=skip)
+            fused_adamw(aw, hyper, self._found_inf, launches, capturable=cap, skip_on_found=skip)
+        if skip:  # a skipped step is not counted: take back the device step counters' increment
+            all_steps = [st for ap, aw, _, _ in planned for st in ap.steps + aw.steps]
+            for dev, found in self._found_inf.items():
+                torch._foreach_add_([st for st in all_steps if st.device == dev], found.float(), alpha=-1.0)
+                if dev not in self.skipped_steps_device:
+                    self.skipped_steps_device[dev] = torch.zeros((), dtype=torch.int64, device=dev)
+                self.skipped_steps_device[dev].add_(found)

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import utils
 from .gdn_tiles import _segment, _state_tile
 
 
@@ -144,10 +145,6 @@ def _segment_delta_rule_bwd_kernel(
         tl.debug_barrier()
 
 
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Output allocation (tests replace it with a NaN fill, so an element a kernel skips fails)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
 
 def _block_sizes(K: int, V: int) -> tuple[int, int]:
     BK = triton.next_power_of_2(K)
@@ -171,9 +168,9 @@ def segment_delta_rule_fwd(
     HV, V = v.shape[2], v.shape[3]
     BK, BV = _block_sizes(K, V)
     n_ckpt = triton.cdiv(max_len, ckpt_every) if save_ckpt else 0
-    o = _empty(*v.shape, dtype=v.dtype, device=v.device)
-    ht = _empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
-    ckpt = _empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
+    o = utils.empty(*v.shape, dtype=v.dtype, device=v.device)
+    ht = utils.empty(n_seq, HV, K, V, dtype=torch.float32, device=q.device) if store_ht else None
+    ckpt = utils.empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=q.device) if save_ckpt else None
     h0_stride = 0 if h0 is None or h0.shape[0] == 1 else HV * K * V
     grid = (triton.cdiv(V, BV), n_seq * HV)
     _segment_delta_rule_fwd_kernel[grid](
@@ -197,12 +194,12 @@ def segment_delta_rule_bwd(
     BK, BV = _block_sizes(K, V)
     NV = triton.cdiv(V, BV)
     dev = q.device
-    scratch = _empty(n_seq * HV * NV * ckpt_every * BK * BV, dtype=torch.float32, device=dev)
-    dq_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
-    dk_part = _empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
-    dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
-    dg_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
-    dbeta_part = _empty(NV, B, T, HV, dtype=torch.float32, device=dev)
+    scratch = utils.empty(n_seq * HV * NV * ckpt_every * BK * BV, dtype=torch.float32, device=dev)
+    dq_part = utils.empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
+    dk_part = utils.empty(NV, B, T, HV, K, dtype=torch.float32, device=dev)
+    dv = utils.empty(*v.shape, dtype=v.dtype, device=v.device)
+    dg_part = utils.empty(NV, B, T, HV, dtype=torch.float32, device=dev)
+    dbeta_part = utils.empty(NV, B, T, HV, dtype=torch.float32, device=dev)
     _segment_delta_rule_bwd_kernel[(NV, n_seq * HV)](
         q, k, v, g, beta, ckpt, do, dht, scratch, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
         T, B * T, scale, eps, ckpt_every, ckpt.shape[2],
