@@ -1,7 +1,8 @@
 """AdamW for the non-matrix parameters, all of one dtype in one multi-tensor launch.
 
 Same function as apollo_fast.reference.adamw_update (torch.optim.AdamW): decay first, then
-m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2, p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2, p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), the result
+stored by the parameter rounding mode (apollo_rounding.py).
 The found-flag kernel checks these gradients before anything is updated.
 """
 
@@ -11,8 +12,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .apollo_rounding import (
+    COMPENSATED,
+    ROUNDING_CODES,
+    STOCHASTIC,
+    residual_units,
+    round_to,
+    rounding_words,
+    with_residual,
+)
 from .apollo_tables import (
+    AW_COMP,
     AW_G,
+    AW_KEY_HI,
+    AW_KEY_LO,
     AW_M,
     AW_N,
     AW_P,
@@ -21,6 +34,7 @@ from .apollo_tables import (
     AW_V,
     AW_WIDTH,
     AWD_BC2,
+    AWD_STEP,
     AWD_STEP_SIZE,
     AWD_WIDTH,
     bias_corrections,
@@ -57,7 +71,7 @@ def _adamw_fwd_kernel(
     tile_map,
     found,
     lr_ptr,
-    lr,
+    decay,
     beta1,
     beta2,
     eps,
@@ -67,9 +81,11 @@ def _adamw_fwd_kernel(
     G_DTYPE: tl.constexpr,
     CAPTURABLE: tl.constexpr,
     SKIP_ON_FOUND: tl.constexpr,
+    ROUNDING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One AdamW step on BLOCK elements of one tensor (fp32 moments, fp32 math)."""
+    """One AdamW step on BLOCK elements of one tensor (fp32 moments, fp32 math), the result stored by ROUNDING.
+    decay: 1 - lr wd (non-capturable; capturable kernels compute it from the device lr)."""
     if SKIP_ON_FOUND:
         if tl.load(found) != 0:
             return
@@ -80,27 +96,41 @@ def _adamw_fwd_kernel(
     m_ptr = field_ptr(row, AW_M, tl.float32)
     v_ptr = field_ptr(row, AW_V, tl.float32)
     n = tl.load(row + AW_N)
-    offs = (pid - tl.load(row + AW_TILE)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = (pid - tl.load(row + AW_TILE)).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     if CAPTURABLE:
         lr = tl.load(lr_ptr).to(tl.float32)
-        bc1, bc2 = bias_corrections(tl.load(field_ptr(row, AW_STEP, tl.float32)), beta1, beta2)
+        step = tl.load(field_ptr(row, AW_STEP, tl.float32))
+        bc1, bc2 = bias_corrections(step, beta1, beta2)
         step_size = lr / bc1
         bc2 = tl.sqrt(bc2)
+        decay = 1.0 - lr * weight_decay
     else:
         step_size = tl.load(dyn + mat * AWD_WIDTH + AWD_STEP_SIZE).to(tl.float32)
         bc2 = tl.load(dyn + mat * AWD_WIDTH + AWD_BC2).to(tl.float32)
+        step = tl.load(dyn + mat * AWD_WIDTH + AWD_STEP)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
     w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ROUNDING == COMPENSATED:
+        comp_ptr = field_ptr(row, AW_COMP, tl.int16)
+        w = with_residual(w, tl.load(comp_ptr + offs, mask=mask, other=0), P_DTYPE)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    w = w * (1.0 - lr * weight_decay)
+    w = w * decay
     m = m + (g - m) * (1.0 - beta1)
     v = v * beta2 + (g * g) * (1.0 - beta2)
     w = w - step_size * m / (tl.sqrt(v) / bc2 + eps)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
-    tl.store(p_ptr + offs, w.to(P_DTYPE), mask=mask)
+    word = 0
+    if ROUNDING == STOCHASTIC:  # the tensor as one row: element k takes word k mod 4 of counter k div 4
+        quads = start // 4 + tl.arange(0, BLOCK // 4)
+        word = rounding_words(quads, step.to(tl.int64), tl.load(row + AW_KEY_LO), tl.load(row + AW_KEY_HI), (BLOCK,))
+    stored = round_to(w, word, P_DTYPE, ROUNDING)
+    tl.store(p_ptr + offs, stored.to(P_DTYPE), mask=mask)
+    if ROUNDING == COMPENSATED:
+        tl.store(comp_ptr + offs, residual_units(w, stored, P_DTYPE), mask=mask)
 
 
 def adamw_group(
@@ -110,7 +140,7 @@ def adamw_group(
     found: torch.Tensor,
     lr_t: torch.Tensor,
     *,
-    lr: float,
+    decay: float,
     beta1: float,
     beta2: float,
     eps: float,
@@ -120,9 +150,11 @@ def adamw_group(
     g_dtype: tl.dtype,
     capturable: bool,
     skip_on_found: bool,
+    rounding: str,
 ) -> None:
-    """AdamW on every tensor named in `meta` (one launch)."""
+    """AdamW on every tensor named in `meta` (one launch). decay: 1 - lr * weight_decay (non-capturable)."""
     _adamw_fwd_kernel[(tile_map.numel(),)](
-        meta, dyn, tile_map, found, lr_t, lr, beta1, beta2, eps, weight_decay, sign,
-        P_DTYPE=p_dtype, G_DTYPE=g_dtype, CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found, BLOCK=ADAMW_BLOCK,
+        meta, dyn, tile_map, found, lr_t, decay, beta1, beta2, eps, weight_decay, sign,
+        P_DTYPE=p_dtype, G_DTYPE=g_dtype, CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found,
+        ROUNDING=ROUNDING_CODES[rounding], BLOCK=ADAMW_BLOCK,
     )  # fmt: skip

@@ -36,11 +36,11 @@ _W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
-def _philox4x32_10(c0, c1, k0, k1):
-    """Ten Philox4x32 rounds on counter (c0, c1, 0, 0), key (k0, k1); all uint32 (same shape)."""
+def philox4x32_10(c0, c1, c2, k0, k1):
+    """Ten Philox4x32 rounds on counter (c0, c1, c2, 0), key (k0, k1); all uint32 (same shape)."""
     x0 = c0
     x1 = c1
-    x2 = tl.zeros_like(c0)
+    x2 = c2
     x3 = tl.zeros_like(c0)
     for _ in tl.static_range(10):
         # constexpr operands become uint32 constants (values >= 2**31 < 2**32), as in triton.language.random
@@ -57,7 +57,7 @@ def _philox4x32_10(c0, c1, k0, k1):
 @triton.jit
 def _philox_normal(c0, c1, k0, k1):
     """One standard normal per counter (c0 = low word, c1 = high word), fp32; key (k0, k1) uint32."""
-    x0, x1, _, _ = _philox4x32_10(c0, c1, k0, k1)
+    x0, x1, _, _ = philox4x32_10(c0, c1, tl.zeros_like(c0), k0, k1)
     u1 = ((x0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08  # 2**-24, exact
     u2 = (x1 >> 8).to(tl.float32) * 5.9604644775390625e-08
     return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
@@ -72,7 +72,7 @@ def _philox_words_fwd_kernel(out_ptr, n, c_hi, k_lo, k_hi, BLOCK: tl.constexpr):
     c1 = tl.zeros_like(c0) + c_hi.to(tl.uint32)
     k0 = tl.zeros_like(c0) + k_lo.to(tl.uint32)
     k1 = tl.zeros_like(c0) + k_hi.to(tl.uint32)
-    x0, x1, x2, x3 = _philox4x32_10(c0, c1, k0, k1)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, tl.zeros_like(c0), k0, k1)
     tl.store(out_ptr + offs, x0.to(tl.int64), mask=mask)
     tl.store(out_ptr + n + offs, x1.to(tl.int64), mask=mask)
     tl.store(out_ptr + 2 * n + offs, x2.to(tl.int64), mask=mask)

@@ -30,13 +30,15 @@ AP_LIM = tl.constexpr(13)  # address of the limiter's previous norm (fp32)
 AP_TILE_PX = tl.constexpr(14)  # first tile of this matrix in the Philox launch
 AP_TILE_A = tl.constexpr(15)  # first tile in the projection / moment launches
 AP_TILE_C = tl.constexpr(16)  # first tile in the update launch
-AP_WIDTH = tl.constexpr(17)
+AP_COMP = tl.constexpr(17)  # address of the int16 rounding residual (param_rounding='compensated'), else 0
+AP_WIDTH = tl.constexpr(18)
 
 # APOLLO dyn rows (non-capturable).
 APD_ETA = tl.constexpr(0)  # eta_t * alpha
 APD_REFRESH = tl.constexpr(1)  # refresh index floor((t - 1) / T)
 APD_FIRST = tl.constexpr(2)  # 1.0 on the first step
-APD_WIDTH = tl.constexpr(3)
+APD_STEP = tl.constexpr(3)  # t, this step's number (the stochastic rounding bits' counter)
+APD_WIDTH = tl.constexpr(4)
 
 # AdamW meta rows (flat tensors).
 AW_P = tl.constexpr(0)
@@ -46,12 +48,16 @@ AW_V = tl.constexpr(3)
 AW_N = tl.constexpr(4)  # numel
 AW_TILE = tl.constexpr(5)  # first tile of this tensor
 AW_STEP = tl.constexpr(6)  # address of the fp32 step counter (capturable)
-AW_WIDTH = tl.constexpr(7)
+AW_COMP = tl.constexpr(7)  # address of the int16 rounding residual (param_rounding='compensated'), else 0
+AW_KEY_LO = tl.constexpr(8)  # Philox key word 0 of the rounding bits: parameter index
+AW_KEY_HI = tl.constexpr(9)  # Philox key word 1: seed
+AW_WIDTH = tl.constexpr(10)
 
 # AdamW dyn rows (non-capturable).
 AWD_STEP_SIZE = tl.constexpr(0)  # lr / (1 - b1^t)
 AWD_BC2 = tl.constexpr(1)  # sqrt(1 - b2^t)
-AWD_WIDTH = tl.constexpr(2)
+AWD_STEP = tl.constexpr(2)  # t, this step's number (the stochastic rounding bits' counter)
+AWD_WIDTH = tl.constexpr(3)
 
 
 @triton.jit

@@ -4,7 +4,8 @@ Stage B touches only r-sized data: the moments kernel updates M and V from the R
 writes the per-channel ||N_k||^2 and ||R_k||^2; the scale kernel (one program per matrix, C-sized
 vectors) turns them into the scaling factors, ||S||^2 = sum_k s_k^2 ||G_k||^2, the limiter factor
 and one coefficient per channel, coef_k = sign * eta_t * alpha * s_k / lam. Pass C then applies
-W <- (W - coef ⊙ G) (1 - lr wd) in one read of G and W and one write of W, fp32 math.
+x = W - coef ⊙ G, x <- x - (lr wd) x in one read of G and W and one write of W, fp32 math, and stores x
+by the parameter rounding mode (apollo_rounding.py; 'compensated' also reads and writes the residual).
 With SKIP_ON_FOUND every kernel leaves everything untouched once the found flag is raised.
 """
 
@@ -14,10 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .apollo_rounding import (
+    COMPENSATED,
+    ROUNDING_CODES,
+    STOCHASTIC,
+    residual_units,
+    round_to,
+    rounding_words,
+    with_residual,
+)
 from .apollo_tables import (
     AP_C,
+    AP_COMP,
     AP_D,
     AP_G,
+    AP_KEY_HI,
+    AP_KEY_LO,
     AP_LIM,
     AP_M,
     AP_R,
@@ -31,6 +44,7 @@ from .apollo_tables import (
     AP_WS,
     APD_ETA,
     APD_FIRST,
+    APD_STEP,
     APD_WIDTH,
     bias_corrections,
     field_ptr,
@@ -232,26 +246,30 @@ def apollo_scale_group(
 @triton.jit
 def _apollo_update_fwd_kernel(
     meta,
+    dyn,
     tile_map,
     coef_ws,
     found,
     lr_ptr,
-    decay,
+    lr_wd,
     weight_decay,
     W_DTYPE: tl.constexpr,
     G_DTYPE: tl.constexpr,
     TALL: tl.constexpr,
     CAPTURABLE: tl.constexpr,
     SKIP_ON_FOUND: tl.constexpr,
+    DECAY: tl.constexpr,
+    ROUNDING: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """W <- (W - coef ⊙ G) * (1 - lr wd) on a BLOCK_M x BLOCK_N tile of the row-major m x n W."""
+    """x <- W (+ residual) - coef ⊙ G; x <- x - (lr wd) x (one fma); W <- x rounded by ROUNDING, on a
+    BLOCK_M x BLOCK_N tile of the row-major m x n W (BLOCK_N a multiple of 4: the rounding bits' groups)."""
     if SKIP_ON_FOUND:
         if tl.load(found) != 0:
             return
     pid = tl.program_id(0)
-    row, _ = row_of(meta, tile_map, pid, AP_WIDTH)
+    row, mat = row_of(meta, tile_map, pid, AP_WIDTH)
     w_ptr = field_ptr(row, AP_W, W_DTYPE)
     g_ptr = field_ptr(row, AP_G, G_DTYPE)
     ws = tl.load(row + AP_WS)
@@ -267,7 +285,8 @@ def _apollo_update_fwd_kernel(
     tiles_n = tl.cdiv(n, BLOCK_N)
     local = (pid - tile0).to(tl.int64)
     rows = (local // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (local % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = (local % tiles_n) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     mask_m = rows < m
     mask_n = cols < n
     mask = mask_m[:, None] & mask_n[None, :]
@@ -276,35 +295,55 @@ def _apollo_update_fwd_kernel(
         coef = tl.load(coef_ws + ws + rows, mask=mask_m, other=0.0)[:, None]
     else:
         coef = tl.load(coef_ws + ws + cols, mask=mask_n, other=0.0)[None, :]
-    if CAPTURABLE:
-        decay = 1.0 - tl.load(lr_ptr).to(tl.float32) * weight_decay
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ROUNDING == COMPENSATED:
+        comp_ptr = field_ptr(row, AP_COMP, tl.int16)
+        w = with_residual(w, tl.load(comp_ptr + offs, mask=mask, other=0), W_DTYPE)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = (w - coef * g) * decay
-    tl.store(w_ptr + offs, w.to(W_DTYPE), mask=mask)
+    w = w - coef * g
+    if DECAY:
+        if CAPTURABLE:
+            lr_wd = tl.load(lr_ptr).to(tl.float32) * weight_decay
+        w = tl.fma(w, -lr_wd, w)
+    word = 0
+    if ROUNDING == STOCHASTIC:
+        if CAPTURABLE:
+            step = tl.load(field_ptr(row, AP_STEP, tl.float32)).to(tl.int64)
+        else:
+            step = tl.load(dyn + mat * APD_WIDTH + APD_STEP).to(tl.int64)
+        quads = rows[:, None] * tl.cdiv(n, 4) + (col0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+        word = rounding_words(quads, step, tl.load(row + AP_KEY_LO), tl.load(row + AP_KEY_HI), (BLOCK_M, BLOCK_N))
+    stored = round_to(w, word, W_DTYPE, ROUNDING)
+    tl.store(w_ptr + offs, stored.to(W_DTYPE), mask=mask)
+    if ROUNDING == COMPENSATED:
+        tl.store(comp_ptr + offs, residual_units(w, stored, W_DTYPE), mask=mask)
 
 
 def apollo_update_group(
     meta: torch.Tensor,
+    dyn: torch.Tensor,
     tile_map: torch.Tensor,
     coef_ws: torch.Tensor,
     found: torch.Tensor,
     lr_t: torch.Tensor,
     *,
-    decay: float,
+    lr_wd: float,
     weight_decay: float,
     w_dtype: tl.dtype,
     g_dtype: tl.dtype,
     tall: bool,
     capturable: bool,
     skip_on_found: bool,
+    rounding: str,
     block_m: int,
     block_n: int,
 ) -> None:
-    """Pass C for every matrix in `meta` (one launch)."""
+    """Pass C for every matrix in `meta` (one launch). lr_wd: lr * weight_decay (non-capturable; capturable
+    kernels read lr from lr_t); rounding: 'nearest' | 'stochastic' | 'compensated' (16-bit W only)."""
     grid = (tile_map.numel(),)
     _apollo_update_fwd_kernel[grid](
-        meta, tile_map, coef_ws, found, lr_t, decay, weight_decay,
+        meta, dyn, tile_map, coef_ws, found, lr_t, lr_wd, weight_decay,
         W_DTYPE=w_dtype, G_DTYPE=g_dtype, TALL=tall, CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        DECAY=weight_decay > 0.0, ROUNDING=ROUNDING_CODES[rounding], BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4,
     )  # fmt: skip

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from ..backend import resolve_backend
 from ..reference.projection import PROJECTIONS, effective_rank, official_next_seed, official_projection
+from ..reference.rounding import LOW_PRECISION, PARAM_ROUNDINGS
 from .functional import AdamwLists, ApolloLists, Hyper, adamw_reference, apollo_reference
 from .fused import (
     FusedLaunches,
@@ -36,6 +37,8 @@ __all__ = ["APOLLO", "NonFiniteGradientError"]
 
 NONFINITE_POLICIES = ("raise", "skip")
 APOLLO_MINI_ALPHA = math.sqrt(128.0)  # the official APOLLO-Mini `scale` is 128 = alpha^2
+# bf16/fp16 parameters: keep each element's rounding residual (README, "bf16 weights"); fp32 ignores it
+DEFAULT_PARAM_ROUNDING = "compensated"
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -76,6 +79,8 @@ def _check_group_options(group: dict[str, Any]) -> None:
     limit = group["norm_growth_limit"]
     if limit is not None and not (isinstance(limit, (int, float)) and math.isfinite(limit) and limit >= 1.0):
         raise ValueError(f"Invalid norm_growth_limit: {limit!r} (must be >= 1.0, or None to disable)")
+    if group["param_rounding"] not in PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be one of {PARAM_ROUNDINGS}, got {group['param_rounding']!r}")
     if not isinstance(group["apollo"], bool):
         raise ValueError(f"apollo must be True or False, got {group['apollo']!r}")
 
@@ -109,7 +114,8 @@ class APOLLO(Optimizer):
         update_proj_gap: T, steps between projection redraws (P is drawn at steps 1, T+1, ...).
         norm_growth_limit: gamma of the norm-growth limiter; None disables it.
         betas, eps: Adam's moment coefficients and epsilon (eps is added to sqrt(V)).
-        weight_decay: decoupled decay, W <- W - lr * wd * W, applied after the update.
+        weight_decay: decoupled decay, W <- W - (lr * wd) * W after the update (one rounding, as apollo-torch);
+            AdamW tensors decay first, W <- W * (1 - lr * wd), as torch.optim.AdamW.
         maximize: ascend instead of descend.
         projection: 'philox' (default; P regenerated from a counter-based generator keyed by
             (parameter index, seed, refresh index), never stored) or 'official' (drawn and stored
@@ -126,6 +132,10 @@ class APOLLO(Optimizer):
             nonfinite='skip' (the skip is decided on the device) and projection='philox'.
         state_dtype: dtype of APOLLO's projected moments, torch.float32 (default) or torch.bfloat16
             (backend 'triton'; math stays fp32). AdamW moments are always fp32.
+        param_rounding: how the fp32 result is stored into bf16/fp16 parameters (fp32 ones ignore it):
+            'compensated' (default: a bf16 residual per element, carried to the next step; optimizer
+            state), 'stochastic' (unbiased, bits from Philox keyed by (parameter index, seed, step,
+            element); no memory) or 'nearest' (updates below half an ulp are lost).
     """
 
     def __init__(
@@ -149,6 +159,7 @@ class APOLLO(Optimizer):
         backend: str = "auto",
         capturable: bool = False,
         state_dtype: torch.dtype = torch.float32,
+        param_rounding: str = DEFAULT_PARAM_ROUNDING,
     ) -> None:
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
@@ -168,6 +179,7 @@ class APOLLO(Optimizer):
             eps=eps,
             weight_decay=weight_decay,
             maximize=maximize,
+            param_rounding=param_rounding,
             apollo=True,
         )
         _resolve_alpha(defaults)
@@ -349,7 +361,15 @@ class APOLLO(Optimizer):
             for k in ("exp_avg", "exp_avg_sq"):
                 if state[k].dtype != self.state_dtype:
                     state[k] = state[k].to(self.state_dtype)
+        if p.dtype in LOW_PRECISION and group["param_rounding"] == "compensated" and "compensation" not in state:
+            state["compensation"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.contiguous_format)
         return state
+
+    def _compensation(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
+        """The rounding residual this step carries (None unless a 16-bit parameter in 'compensated' mode)."""
+        if p.dtype in LOW_PRECISION and group["param_rounding"] == "compensated":
+            return state["compensation"]
+        return None
 
     def _official_projection(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """projection='official': the stored P~ for this step, redrawn at steps 1, T+1, 2T+1, ..."""
@@ -366,16 +386,17 @@ class APOLLO(Optimizer):
     ) -> tuple[ApolloLists, AdamwLists]:
         """The group's step inputs. `undo` receives what an 'official' redraw replaced, so that a step refused
         for a non-finite gradient can put it back."""
-        ap = ApolloLists([], [], [], [], [], [], [], [])
-        aw = AdamwLists([], [], [], [], [])
+        ap = ApolloLists([], [], [], [], [], [], [], [], [])
+        aw = AdamwLists([], [], [], [], [], [], [])
         contiguous = self._backend_impl == "triton"
         for _, p in entries:
             state = self._init_state(group, p)
             grad = p.grad.contiguous() if contiguous else p.grad
+            comp = self._compensation(group, p, state)
             if not self._uses_apollo(group, p):
                 for lst, v in zip(
-                    (aw.params, aw.grads, aw.exp_avgs, aw.exp_avg_sqs, aw.steps),
-                    (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"]),
+                    (aw.params, aw.grads, aw.exp_avgs, aw.exp_avg_sqs, aw.steps, aw.keys, aw.compensations),
+                    (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], self._param_index[p] - 1, comp),
                     strict=True,
                 ):
                     lst.append(v)
@@ -385,9 +406,10 @@ class APOLLO(Optimizer):
                 undo.append((state, {k: state[k] for k in ("proj", "proj_seed") if k in state}))
                 proj = self._official_projection(group, p, state)
             for lst, v in zip(
-                (ap.params, ap.grads, ap.exp_avgs, ap.exp_avg_sqs, ap.limiter_norms, ap.steps, ap.keys, ap.projections),
+                (ap.params, ap.grads, ap.exp_avgs, ap.exp_avg_sqs, ap.limiter_norms, ap.steps, ap.keys, ap.projections,
+                 ap.compensations),
                 (p, grad, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], state["step"],
-                 self._param_index[p] - 1, proj),
+                 self._param_index[p] - 1, proj, comp),
                 strict=True,
             ):  # fmt: skip
                 lst.append(v)
@@ -450,7 +472,7 @@ class APOLLO(Optimizer):
             if launches is None:
                 launches = self._launches[gi] = FusedLaunches(self._poison_scratch)
             fused_apollo_project(ap, hyper, self._found_inf, launches, capturable=cap)
-            fused_adamw_check(aw, self._found_inf, launches, capturable=cap)
+            fused_adamw_check(aw, hyper, self._found_inf, launches, capturable=cap)
             planned.append((ap, aw, hyper, launches))
         if not cap and any(bool(f.item()) for f in self._found_inf.values()):  # the step's one host sync
             for state, entries in undo:

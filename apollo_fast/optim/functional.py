@@ -34,8 +34,9 @@ class ApolloLists:
     exp_avg_sqs: list[torch.Tensor]  # C x r
     limiter_norms: list[torch.Tensor]  # 0-dim fp32: the norm-growth limiter's previous ||S||_F
     steps: list[torch.Tensor]  # 0-dim fp32: steps taken (CPU; on the device when capturable)
-    keys: list[int]  # Philox key word 0: the parameter's index
+    keys: list[int]  # Philox key word 0 (projection and rounding bits): the parameter's index
     projections: list[torch.Tensor | None]  # stored P~ (r x d, projection='official'); None: Philox P~
+    compensations: list[torch.Tensor | None]  # int16 rounding residual (param_rounding='compensated', 16-bit W)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class AdamwLists:
     exp_avgs: list[torch.Tensor]  # fp32, the parameter's shape
     exp_avg_sqs: list[torch.Tensor]
     steps: list[torch.Tensor]
+    keys: list[int]  # Philox key word 0 of the rounding bits: the parameter's index
+    compensations: list[torch.Tensor | None]  # int16 rounding residual (param_rounding='compensated', 16-bit)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Hyper:
     norm_growth_limit: float | None = None
     update_proj_gap: int = 1
     seed: int = 0
+    param_rounding: str = "nearest"  # how fp32 results are stored into bf16/fp16 params (reference.rounding)
 
     @classmethod
     def from_group(cls, group: dict[str, Any], seed: int) -> Hyper:
@@ -80,6 +84,7 @@ class Hyper:
             norm_growth_limit=group["norm_growth_limit"],
             update_proj_gap=group["update_proj_gap"],
             seed=seed,
+            param_rounding=group["param_rounding"],
         )
 
     @property
@@ -130,6 +135,10 @@ def apollo_reference(t: ApolloLists, h: Hyper, projection_cache: dict) -> None:
             norm_growth_limit=h.norm_growth_limit,
             weight_decay=h.weight_decay,
             maximize=h.maximize,
+            param_rounding=h.param_rounding,
+            compensation=t.compensations[i],
+            param_index=t.keys[i],
+            seed=h.seed,
         )
 
 
@@ -151,5 +160,9 @@ def adamw_reference(t: AdamwLists, h: Hyper) -> None:
             eps=h.eps,
             weight_decay=h.weight_decay,
             maximize=h.maximize,
+            param_rounding=h.param_rounding,
+            compensation=t.compensations[i],
+            param_index=t.keys[i],
+            seed=h.seed,
         )
 

@@ -108,7 +108,7 @@ class _ApolloLaunch:
     r_buf: torch.Tensor | None = None  # sum(C x r) fp32: R
     p_buf: torch.Tensor | None = None  # sum(r x d) fp32: P~ ('philox'), kept between refreshes
     p_refresh: torch.Tensor | None = None  # int64 per Philox tile: 1 + refresh index its P~ holds
-    dyn: torch.Tensor | None = None  # this step's per-matrix [eta_t * alpha, refresh, first] (non-capturable)
+    dyn: torch.Tensor | None = None  # this step's per-matrix [eta_t * alpha, refresh, first, t] (non-capturable)
     n_rchunk: int = 1
     block_c: int = _BLOCK_C
     block_d: int = 32
@@ -125,7 +125,7 @@ class _AdamwLaunch:
     meta: torch.Tensor | None = None
     rows: list[list[int]] = field(default_factory=list)
     tile_map: torch.Tensor | None = None
-    dyn: torch.Tensor | None = None  # this step's per-tensor [lr / (1 - b1^t), sqrt(1 - b2^t)] (non-capturable)
+    dyn: torch.Tensor | None = None  # this step's per-tensor [lr / (1 - b1^t), sqrt(1 - b2^t), t] (non-capturable)
 
 
 class FusedLaunches:
@@ -189,8 +189,8 @@ class FusedLaunches:
     def sync_apollo(self, t: ApolloLists, h: Hyper, capturable: bool) -> None:
         """Launch classes, tile maps, scratch and meta tables for the matrices of `t`."""
         sig = tuple(
-            (id(p), p.data_ptr(), m.data_ptr(), id(st), proj is None)
-            for p, m, st, proj in zip(t.params, t.exp_avgs, t.steps, t.projections, strict=True)
+            (id(p), p.data_ptr(), m.data_ptr(), id(st), proj is None, 0 if c is None else c.data_ptr())
+            for p, m, st, proj, c in zip(t.params, t.exp_avgs, t.steps, t.projections, t.compensations, strict=True)
         )
         if not self._stale("apollo", sig, t.grads):
             return
@@ -246,16 +246,18 @@ class FusedLaunches:
             row[T.AP_STEP] = t.steps[i].data_ptr() if capturable else 0
             row[T.AP_LIM] = t.limiter_norms[i].data_ptr()
             row[T.AP_TILE_PX], row[T.AP_TILE_A], row[T.AP_TILE_C] = (s[j] for s in starts)
+            row[T.AP_COMP] = 0 if t.compensations[i] is None else t.compensations[i].data_ptr()
             la.rows.append(row)
         la.meta = _to_device(la.rows, torch.int64, dev)
 
-    def sync_adamw(self, t: AdamwLists, capturable: bool) -> None:
+    def sync_adamw(self, t: AdamwLists, h: Hyper, capturable: bool) -> None:
         """Launch classes, tile maps and meta tables for the tensors of `t`."""
         from apollo_fast.kernels import apollo_tables as T
         from apollo_fast.kernels.apollo_adamw import ADAMW_BLOCK
 
         sig = tuple(
-            (id(p), p.data_ptr(), m.data_ptr(), id(st)) for p, m, st in zip(t.params, t.exp_avgs, t.steps, strict=True)
+            (id(p), p.data_ptr(), m.data_ptr(), id(st), 0 if c is None else c.data_ptr())
+            for p, m, st, c in zip(t.params, t.exp_avgs, t.steps, t.compensations, strict=True)
         )
         if not self._stale("adamw", sig, t.grads):
             return
@@ -274,6 +276,8 @@ class FusedLaunches:
                 row[T.AW_M], row[T.AW_V] = t.exp_avgs[i].data_ptr(), t.exp_avg_sqs[i].data_ptr()
                 row[T.AW_N], row[T.AW_TILE] = t.params[i].numel(), start
                 row[T.AW_STEP] = t.steps[i].data_ptr() if capturable else 0
+                row[T.AW_COMP] = 0 if t.compensations[i] is None else t.compensations[i].data_ptr()
+                row[T.AW_KEY_LO], row[T.AW_KEY_HI] = t.keys[i], h.seed
                 lw.rows.append(row)
             lw.meta = _to_device(lw.rows, torch.int64, lw.key.device)
 
@@ -289,6 +293,11 @@ class FusedLaunches:
                     row[AP_P], changed = proj.data_ptr(), True
             if changed:
                 la.meta = _to_device(la.rows, torch.int64, la.key.device)
+
+
+def _rounding(h: Hyper, w_dtype: torch.dtype) -> str:
+    """The rounding mode of a launch class: the group's for 16-bit parameters; fp32 parameters store as they are."""
+    return h.param_rounding if w_dtype in (torch.bfloat16, torch.float16) else "nearest"
 
 
 def _lr_tensor(h: Hyper, device: torch.device, capturable: bool, dummy: torch.Tensor) -> torch.Tensor:
@@ -323,7 +332,7 @@ def fused_apollo_project(
             rows = []
             for s in taken:  # this step is s + 1
                 eta = apollo_step_size(float(h.lr), h.beta1, h.beta2, s + 1)
-                rows.append([eta * h.alpha, float(refresh_index(s + 1, h.update_proj_gap)), float(s == 0)])
+                rows.append([eta * h.alpha, float(refresh_index(s + 1, h.update_proj_gap)), float(s == 0), s + 1.0])
             la.dyn = _to_device(rows, torch.float64, la.key.device)
         if launches.poison_scratch:
             la.ws.fill_(float("nan"))
@@ -372,18 +381,23 @@ def fused_apollo_update(
                 capturable=capturable, skip_on_found=skip_on_found, channel=h.scale_type == "channel",
             )  # fmt: skip
             apollo_update_group(
-                la.meta, la.maps[2], nn, found, lr_t,
-                decay=1.0 if capturable else 1.0 - float(h.lr) * h.weight_decay,
+                la.meta, la.dyn, la.maps[2], nn, found, lr_t,
+                lr_wd=0.0 if capturable else float(h.lr) * h.weight_decay,
                 weight_decay=h.weight_decay, w_dtype=tl_dtype(la.key.w_dtype), g_dtype=tl_dtype(la.key.g_dtype),
                 tall=la.key.tall, capturable=capturable, skip_on_found=skip_on_found,
-                block_m=la.block_m, block_n=la.block_n,
+                rounding=_rounding(h, la.key.w_dtype), block_m=la.block_m, block_n=la.block_n,
             )  # fmt: skip
     if not capturable:
         launches.count_steps(t.steps)
 
 
 def fused_adamw_check(
-    t: AdamwLists, found_inf: dict[torch.device, torch.Tensor], launches: FusedLaunches, *, capturable: bool
+    t: AdamwLists,
+    h: Hyper,
+    found_inf: dict[torch.device, torch.Tensor],
+    launches: FusedLaunches,
+    *,
+    capturable: bool,
 ) -> None:
     """Raise found_inf[device] if any gradient of `t` holds inf/NaN (one launch per class). Capturable device
     step counters already count this step afterwards (the caller takes it back on a skip)."""
@@ -391,7 +405,7 @@ def fused_adamw_check(
 
     if not t.params:
         return
-    launches.sync_adamw(t, capturable)
+    launches.sync_adamw(t, h, capturable)
     if capturable:
         torch._foreach_add_(t.steps, 1.0)
     for lw in launches.adamw:
@@ -421,14 +435,15 @@ def fused_adamw(
             rows = []
             for s in launches.host_steps([t.steps[i] for i in lw.idx]):
                 bc1, bc2 = bias_corrections(h.beta1, h.beta2, s + 1)
-                rows.append([float(h.lr) / bc1, math.sqrt(bc2)])
+                rows.append([float(h.lr) / bc1, math.sqrt(bc2), s + 1.0])
             lw.dyn = _to_device(rows, torch.float64, lw.key.device)
         with _on(lw.key.device):
             adamw_group(
                 lw.meta, lw.dyn, lw.tile_map, found, _lr_tensor(h, lw.key.device, capturable, found),
-                lr=0.0 if capturable else float(h.lr), beta1=h.beta1, beta2=h.beta2, eps=h.eps,
-                weight_decay=h.weight_decay, sign=h.sign, p_dtype=tl_dtype(lw.key.w_dtype),
+                decay=1.0 if capturable else 1.0 - float(h.lr) * h.weight_decay, beta1=h.beta1, beta2=h.beta2,
+                eps=h.eps, weight_decay=h.weight_decay, sign=h.sign, p_dtype=tl_dtype(lw.key.w_dtype),
                 g_dtype=tl_dtype(lw.key.g_dtype), capturable=capturable, skip_on_found=skip_on_found,
+                rounding=_rounding(h, lw.key.w_dtype),
             )  # fmt: skip
     if not capturable:
         launches.count_steps(t.steps)

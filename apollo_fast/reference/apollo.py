@@ -12,6 +12,7 @@ import math
 import torch
 
 from .projection import channel_major
+from .rounding import compensated_value, store_rounded
 
 __all__ = ["apollo_step_size", "apollo_update", "adamw_update", "bias_corrections"]
 
@@ -48,6 +49,10 @@ def apollo_update(
     norm_growth_limit: float | None,
     weight_decay: float,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    compensation: torch.Tensor | None = None,
+    param_index: int = 0,
+    seed: int = 0,
 ) -> None:
     """One APOLLO step for a matrix, in place.
 
@@ -55,6 +60,8 @@ def apollo_update(
     exp_avg, exp_avg_sq: C x r fp32 moments, C = max(m, n) channels, updated in place.
     limiter_norm: 0-dim fp32, the limiter's previous ||S||_F, written at every step.
     step: 1-based count including this step (bias correction, and step 1 seeds the limiter).
+    param_rounding, compensation (bf16, m x n, 'compensated' only), param_index, seed: how the fp32 result is
+    stored into a bf16/fp16 param (apollo_fast.reference.rounding).
     """
     g = channel_major(grad).float()
     if maximize:
@@ -84,11 +91,14 @@ def apollo_update(
             limiter_norm.copy_(norm / lam)
 
     eta = apollo_step_size(lr, beta1, beta2, step)
-    w = channel_major(param)
-    new_w = w.float() - (eta * alpha) * scaled
+    new_w = channel_major(compensated_value(param, compensation)) - (eta * alpha) * scaled
     if weight_decay > 0.0:
-        new_w = new_w * (1.0 - lr * weight_decay)  # decay after the update, with the plain lr
-    w.copy_(new_w)
+        # decay after the update, with the plain lr, as apollo-torch: w - (lr wd) w in one rounding (an fma; torch's
+        # add with alpha is one), so that a small lr * wd is neither lost nor rounded into a factor near 1
+        new_w.add_(new_w, alpha=-(lr * weight_decay))
+    if param.shape[0] < param.shape[1]:
+        new_w = new_w.t()  # back to the parameter's m x n layout
+    store_rounded(param, new_w, param_rounding, compensation, param_index=param_index, seed=seed, step=step)
 
 
 @torch.no_grad()
@@ -105,19 +115,25 @@ def adamw_update(
     eps: float,
     weight_decay: float,
     maximize: bool = False,
+    param_rounding: str = "nearest",
+    compensation: torch.Tensor | None = None,
+    param_index: int = 0,
+    seed: int = 0,
 ) -> None:
     """One AdamW step, in place, as torch.optim.AdamW computes it (decay first, eps after sqrt(v_hat)).
 
-    param, grad: any shape and float dtype; exp_avg, exp_avg_sq: fp32, same shape.
+    param, grad: any shape and float dtype; exp_avg, exp_avg_sq: fp32, same shape. param_rounding,
+    compensation, param_index, seed: as apollo_update.
     """
     g = grad.float()
     if maximize:
         g = -g
-    w = param.float()
+    w = compensated_value(param, compensation)
     if weight_decay != 0.0:
         w = w * (1.0 - lr * weight_decay)
     exp_avg.lerp_(g, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     bc1, bc2 = bias_corrections(beta1, beta2, step)
     denom = exp_avg_sq.sqrt() / math.sqrt(bc2) + eps
-    param.copy_(w - (lr / bc1) * exp_avg / denom)
+    new_w = w - (lr / bc1) * exp_avg / denom
+    store_rounded(param, new_w, param_rounding, compensation, param_index=param_index, seed=seed, step=step)
