@@ -8,7 +8,7 @@ from typing import Any
 
 from .inputs import ProbeError
 
-__all__ = ["StatOptions", "DEFAULT_STATS", "check_delta", "check_ints", "check_seeds", "ci_note"]
+__all__ = ["StatOptions", "DEFAULT_STATS", "check_delta", "verdict_note", "check_ints", "check_seeds", "ci_note"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,15 @@ def ci_note(opts: StatOptions, what: str) -> str:
     return (
         f"Intervals: {opts.pct} percentile bootstrap over {what} ({opts.n_boot} draws, generator seed "
         f"{opts.boot_seed})."
+    )
+
+
+def verdict_note(delta: str, positive: str = "positive", negative: str = "negative") -> str:
+    """The verdict legend of a report; delta names the smallest effect of interest with its unit."""
+    return (
+        f"Verdicts: no effect: the CI lies within +-{delta}, the smallest effect of interest (any effect is "
+        f"smaller); otherwise {positive} / {negative}: the CI lies above / below zero; not enough data to tell: "
+        f"the CI holds zero and reaches beyond +-{delta}."
     )
 
 

@@ -5,7 +5,7 @@ permutation: nested subsets), then score held-out pairs. The effect at n is the 
 pairs of the change of the log-prob margin log p(desired | prompt) - log p(undesired | prompt) against
 the base model, with a two-way bootstrap CI (seeds and pairs resampled). The null baseline trains the
 same way on the same examples with their targets permuted among them. The answer is the smallest n
-whose effect's CI lies above zero.
+with a positive verdict: its CI lies above zero (and not within +-min_effect).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .common import DEFAULT_STATS, StatOptions, check_delta, check_ints, check_seeds, ci_note
-from .inputs import ProbeError, load_model, load_pairs, load_train
+from .common import DEFAULT_STATS, StatOptions, check_delta, check_ints, check_seeds, ci_note, verdict_note
+from .inputs import ProbeError, load_pairs, load_train, open_model
 from .report import Report, fmt, fmt_ci, new_figure, png_bytes, table
 from .runs import Condition, EffectSummary, run_grid, summarize_effect
 from .stats import POSITIVE
@@ -60,16 +60,22 @@ def dose(
     if null not in NULL_CHOICES:
         raise ProbeError(f"null must be one of {NULL_CHOICES}, got {null!r}")
     seed_list = check_seeds(seeds)
-    loaded = load_model(model, tokenizer, device=device, dtype=dtype)
-    m, tok = loaded.model, loaded.tokenizer
-    examples = load_train(train, tok, m)
-    held_out = load_pairs(pairs, tok, m)
+    handle = open_model(model, tokenizer, device=device, dtype=dtype)
+    examples = load_train(train, handle)
+    held_out = load_pairs(pairs, handle)
     sizes = check_ints("ns (--n)", ns, maximum=len(examples))
     null_sizes = {"largest": sizes[-1:], "all": sizes, "none": []}[null]
     conditions = [Condition(n, settings.lr, s) for n in sizes for s in seed_list]
     conditions += [Condition(n, settings.lr, s, shuffled=True) for n in null_sizes for s in seed_list]
     base, _, results = run_grid(
-        m, examples, held_out, conditions, settings, batch_size=batch_size, frozen_from=frozen_from, progress=progress
+        handle.load(),
+        examples,
+        held_out,
+        conditions,
+        settings,
+        batch_size=batch_size,
+        frozen_from=frozen_from,
+        progress=progress,
     )
 
     def effect(n: int, shuffled: bool) -> EffectSummary:
@@ -80,7 +86,7 @@ def dose(
     nulls = [(n, effect(n, True)) for n in null_sizes]
     smallest = next((n for n, e in points if e.verdict == POSITIVE), None)
     data = {
-        "model": loaded.name,
+        "model": handle.name,
         "n_train": len(examples),
         "n_pairs": len(held_out),
         "seeds": seed_list,
@@ -137,9 +143,11 @@ def _markdown(data, points, nulls, settings: TrainSettings, stats: StatOptions, 
     )
     lines.append("")
     if data["smallest_n"] is None:
-        lines.append(f"No n moved the margin detectably: every {stats.pct} CI holds zero or lies below it.")
+        lines.append(f"No n moved the margin detectably: no {stats.pct} CI lies above zero (beyond +-{delta:g}).")
     else:
-        lines.append(f"Smallest n whose effect's {stats.pct} CI lies above zero: **{data['smallest_n']}**.")
+        lines.append(
+            f"Smallest n with a positive verdict (its {stats.pct} CI lies above zero): **{data['smallest_n']}**."
+        )
     if any(e.verdict == POSITIVE for _, e in nulls):
         lines.append(
             "The shuffled-target null moves the margin too: part of the effect comes from training on "
@@ -147,8 +155,7 @@ def _markdown(data, points, nulls, settings: TrainSettings, stats: StatOptions, 
         )
     lines += [
         "",
-        f"Verdicts: positive / negative: the CI excludes zero; no effect: the CI lies within +-{delta:g} nats "
-        "(the smallest effect of interest); not enough data to tell: the CI holds zero and reaches beyond it.",
+        verdict_note(f"{delta:g} nats"),
         ci_note(stats, "seeds and pairs, independently") + " Margin: log p(desired | prompt) - log p(undesired | "
         "prompt), summed over each continuation's tokens.",
         "",

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .common import DEFAULT_STATS, StatOptions, ci_note
-from .inputs import ProbeError, load_contexts, load_model
+from .inputs import ProbeError, check_same_architecture, load_contexts, open_model
 from .report import Report, fmt, fmt_ci, new_figure, png_bytes, table
 from .scoring import eval_mode
 from .stats import Interval, bootstrap, interval
@@ -147,27 +147,37 @@ def gdn_state(
     from ..steering import SteeringVector
 
     stats.check()
-    before = load_model(base, tokenizer, device=device, dtype=dtype, what="base model")
-    tok = before.tokenizer if tokenizer is None else tokenizer
-    ids = load_contexts(contexts, tok, before.model)
-    saved = []
-    inputs_before = []
-    with eval_mode(before.model), torch.no_grad():
-        dev = next(before.model.parameters()).device
-        kinds_probe = encode_context(before.model, torch.tensor([ids[0][:1]], device=dev)).layer_kinds
-        with _Readout(before.model, kinds_probe) as rec:
+    base_h = open_model(base, tokenizer, device=device, dtype=dtype, what="base model")
+    trained_h = open_model(trained, base_h.tokenizer, device=device, dtype=dtype, what="trained model")
+    check_same_architecture(base_h, trained_h)
+    if isinstance(vector, (str, os.PathLike)):
+        try:
+            vector = SteeringVector.load(vector)
+        except Exception as err:  # safetensors raises its own error types for junk files
+            raise ProbeError(f"vector {vector}: not an apollo_fast steering vector ({err})") from None
+    if vector is not None:
+        text = base_h.config.get_text_config()
+        if (vector.hidden_size, vector.num_layers) != (text.hidden_size, text.num_hidden_layers):
+            raise ProbeError(
+                f"steering vector is for hidden size {vector.hidden_size} and {vector.num_layers} "
+                f"layers; the models have {text.hidden_size} and {text.num_hidden_layers}"
+            )
+    ids = load_contexts(contexts, base_h)
+    saved, inputs_before = [], []
+    before = base_h.load()
+    with eval_mode(before), torch.no_grad():
+        dev = next(before.parameters()).device
+        kinds = encode_context(before, torch.tensor([ids[0][:1]], device=dev)).layer_kinds
+        with _Readout(before, kinds) as rec:
             for c in tqdm(ids, desc="encode (base)", unit="context", leave=False, disable=not progress):
-                ctx = encode_context(before.model, torch.tensor([c[:-1]], device=dev))
+                ctx = encode_context(before, torch.tensor([c[:-1]], device=dev))
                 saved.append(tuple(tuple(t.cpu() for t in s) for s in ctx.states))
                 inputs_before.append({i: x.float().cpu() for i, x in rec.inputs.items()})
-        arch, kinds = ctx.arch, ctx.layer_kinds
-    base_name = before.name
-    before = None  # a model loaded from a folder is released before the trained one is loaded
+        arch = ctx.arch
+    before = None
+    base_h.release()  # a model read from a folder is dropped before the trained one is read
     free_memory()
-    after = load_model(trained, tok, device=device, dtype=dtype, what="trained model")
-    model = after.model
-    if isinstance(vector, (str, os.PathLike)):
-        vector = SteeringVector.load(vector)
+    model = trained_h.load()
     if vector is not None:
         vector.check_compatible(model)
     n_layers, n_ctx = len(kinds), len(ids)
@@ -211,8 +221,8 @@ def gdn_state(
         for i in range(n_layers)
     ]
     data = {
-        "base": base_name,
-        "trained": after.name,
+        "base": base_h.name,
+        "trained": trained_h.name,
         "arch": arch,
         "n_contexts": n_ctx,
         "context_tokens": [len(c) - 1 for c in ids],

@@ -23,8 +23,9 @@ __all__ = [
     "ProbeError",
     "MIN_ITEMS",
     "Pair",
-    "LoadedModel",
-    "load_model",
+    "ModelHandle",
+    "open_model",
+    "check_same_architecture",
     "check_supported",
     "load_pairs",
     "load_texts",
@@ -50,13 +51,6 @@ class Pair:
     prompt: list[int]
     desired: list[int]
     undesired: list[int]
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: Any
-    name: str
 
 
 def check_finite(name: str, value: float, *, positive: bool = False, minimum: float | None = None) -> float:
@@ -87,38 +81,98 @@ def check_supported(model: nn.Module) -> None:
         raise ProbeError(f"apollo-fast probe: {err}") from None
 
 
-def load_model(
+class ModelHandle:
+    """A model to probe, opened in two stages: config and tokenizer first (cheap: the data is checked against
+    them before any weights are read), the weights on `load()`."""
+
+    def __init__(self, source: str | os.PathLike | nn.Module, tokenizer: Any, device, dtype: str, what: str):
+        if dtype not in DTYPES:
+            raise ProbeError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        self.what, self.device, self.dtype = what, device, dtype
+        self._model = source if isinstance(source, nn.Module) else None
+        if self._model is not None:
+            check_supported(self._model)
+            self.config, self.tokenizer, self.name = self._model.config, tokenizer, type(self._model).__name__
+            return
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.path = Path(source)
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"{what}: not a transformers model folder (no config.json): {self.path}")
+        self.config, self.name = AutoConfig.from_pretrained(self.path), str(self.path)
+        from ..frozen import SUPPORTED_MODELS
+
+        archs = getattr(self.config, "architectures", None) or []
+        if archs and not any(a in SUPPORTED_MODELS for a in archs):
+            raise ProbeError(
+                f"{what} {self.path}: model class {archs[0]} is not supported (supported: "
+                f"{', '.join(SUPPORTED_MODELS)})"
+            )
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.path)
+            except (OSError, ValueError, TypeError):
+                tokenizer = None
+        self.tokenizer = tokenizer
+
+    @property
+    def vocab(self) -> int:
+        if self._model is not None:
+            return int(self._model.get_input_embeddings().num_embeddings)
+        return int(self.config.get_text_config().vocab_size)
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> nn.Module:
+        """The model in eval mode (read from the folder on first use)."""
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPES[self.dtype]).to(dev)
+            check_supported(model)
+            self._model = model
+        return self._model.eval()
+
+    def release(self) -> None:
+        """Drop a model read from a folder (a module passed in stays the caller's)."""
+        if hasattr(self, "path"):
+            self._model = None
+
+
+def open_model(
     model: str | os.PathLike | nn.Module,
     tokenizer: Any = None,
     *,
     device: str | torch.device | None = None,
     dtype: str = "auto",
     what: str = "model",
-) -> LoadedModel:
-    """A supported causal LM (a transformers folder, loaded with its tokenizer, or a module) in eval mode."""
-    if isinstance(model, nn.Module):
-        check_supported(model)
-        return LoadedModel(model.eval(), tokenizer, type(model).__name__)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{what}: not a transformers model folder (no config.json): {path}")
-    if dtype not in DTYPES:
-        raise ProbeError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(dev).eval()
-    check_supported(loaded)
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
-    return LoadedModel(loaded, tokenizer, str(path))
+) -> ModelHandle:
+    """A supported causal LM: a transformers folder (with its tokenizer) or a module; weights read on load()."""
+    return ModelHandle(model, tokenizer, device, dtype, what)
 
 
-def _vocab(model: nn.Module) -> int:
-    return int(model.get_input_embeddings().num_embeddings)
+def check_same_architecture(base: ModelHandle, trained: ModelHandle) -> None:
+    """ProbeError unless the two models have the same architecture (type, sizes, layer kinds)."""
+    keys = (
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "layer_types",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+    )
+    a, b = base.config.get_text_config().to_dict(), trained.config.get_text_config().to_dict()
+    diff = [k for k in keys if a.get(k) != b.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff)
+        raise ProbeError(f"base {base.name} and trained {trained.name} differ in architecture ({detail})")
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
@@ -171,8 +225,7 @@ def _split(prompt: list[int], desired: list[int], undesired: list[int]) -> Pair:
 
 def load_pairs(
     source: str | os.PathLike | Sequence[Any],
-    tokenizer: Any,
-    model: nn.Module,
+    model: ModelHandle,
     *,
     minimum: int = MIN_ITEMS,
 ) -> list[Pair]:
@@ -182,7 +235,7 @@ def load_pairs(
     `apollo-fast steer` does. Every pair needs a desired and an undesired continuation that differ after
     their common prefix, and a prompt of at least one token (the common prefix counts).
     """
-    vocab = _vocab(model)
+    vocab, tokenizer = model.vocab, model.tokenizer
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         records = [(f"{path}:{n}", r) for n, r in _read_jsonl(path)]
@@ -221,7 +274,7 @@ def is_pairs_file(path: str | os.PathLike) -> bool:
     return False
 
 
-def _limits(model: nn.Module, **kw):
+def _limits(model: ModelHandle, **kw):
     from ..training.data import Limits, max_positions
 
     return Limits(max_positions=max_positions(model.config), **kw)
@@ -229,8 +282,7 @@ def _limits(model: nn.Module, **kw):
 
 def load_texts(
     source: str | os.PathLike | Sequence[Any],
-    tokenizer: Any,
-    model: nn.Module,
+    model: ModelHandle,
     *,
     minimum: int = MIN_ITEMS,
     chunk_tokens: int = 1024,
@@ -240,9 +292,9 @@ def load_texts(
     from ..training.data import load_general
 
     if isinstance(source, (str, os.PathLike)):
-        if tokenizer is None:
+        if model.tokenizer is None:
             raise ProbeError(f"{source}: text files need a tokenizer (the model folder has none)")
-        items = load_general(source, tokenizer, _limits(model, general_chunk_tokens=chunk_tokens))
+        items = load_general(source, model.tokenizer, _limits(model, general_chunk_tokens=chunk_tokens))
         _check_count(len(items), str(source), minimum)
         return items
     items = list(source)
@@ -250,14 +302,14 @@ def load_texts(
     return items
 
 
-def load_train(source: str | os.PathLike | Sequence[Any], tokenizer: Any, model: nn.Module) -> list[Any]:
+def load_train(source: str | os.PathLike | Sequence[Any], model: ModelHandle) -> list[Any]:
     """Training examples: an `apollo-fast train --data` file (behaviour JSON Lines) or a list of BehaviourExample."""
     from ..training.data import load_behaviour
 
     if isinstance(source, (str, os.PathLike)):
-        if tokenizer is None:
+        if model.tokenizer is None:
             raise ProbeError(f"{source}: training files need a tokenizer (the model folder has none)")
-        return load_behaviour(source, tokenizer, _limits(model))
+        return load_behaviour(source, model.tokenizer, _limits(model))
     items = list(source)
     if not items:
         raise ProbeError("no training examples given")
@@ -265,10 +317,10 @@ def load_train(source: str | os.PathLike | Sequence[Any], tokenizer: Any, model:
 
 
 def load_contexts(
-    source: str | os.PathLike | Sequence[Any], tokenizer: Any, model: nn.Module, *, minimum: int = MIN_ITEMS
+    source: str | os.PathLike | Sequence[Any], model: ModelHandle, *, minimum: int = MIN_ITEMS
 ) -> list[list[int]]:
     """Held-out contexts as token ids (>= 2 tokens: the last one is the token whose readout is measured)."""
-    vocab = _vocab(model)
+    vocab, tokenizer = model.vocab, model.tokenizer
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         records = [(f"{path}:{n}", r) for n, r in _read_jsonl(path)]

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .common import DEFAULT_STATS, StatOptions, check_delta, check_seeds, ci_note
-from .inputs import ProbeError, check_finite, load_model, load_pairs, load_texts, load_train
+from .common import DEFAULT_STATS, StatOptions, check_delta, check_seeds, ci_note, verdict_note
+from .inputs import ProbeError, check_finite, load_pairs, load_texts, load_train, open_model
 from .report import Report, fmt, fmt_ci, new_figure, png_bytes, table
 from .runs import Condition, nll_change, run_grid, summarize_effect
 from .training import DEFAULT_TRAINING, TrainSettings, run_steps
@@ -63,17 +63,16 @@ def learning_rate(
     if not rates:
         raise ProbeError("lrs is empty")
     seed_list = check_seeds(seeds)
-    loaded = load_model(model, tokenizer, device=device, dtype=dtype)
-    m, tok = loaded.model, loaded.tokenizer
-    examples = load_train(train, tok, m)
-    held_out = load_pairs(pairs, tok, m)
+    handle = open_model(model, tokenizer, device=device, dtype=dtype)
+    examples = load_train(train, handle)
+    held_out = load_pairs(pairs, handle)
     size = len(examples) if n is None else int(n)
     if not 1 <= size <= len(examples):
         raise ProbeError(f"n (--n) must be in [1, {len(examples)}] (the training examples), got {n!r}")
-    general_items = load_texts(general, tok, m) if general is not None else None
+    general_items = load_texts(general, handle) if general is not None else None
     conditions = [Condition(size, r, s) for r in rates for s in seed_list]
     base, base_general, results = run_grid(
-        m,
+        handle.load(),
         examples,
         held_out,
         conditions,
@@ -99,7 +98,7 @@ def learning_rate(
     best_lr = best["lr"] if best is not None and best["_effect"].margin_change.lo > 0 else None
     base_ppl = float(np.exp(base_nll.sum() / tokens.sum())) if general_items is not None else None
     data = {
-        "model": loaded.name,
+        "model": handle.name,
         "n": size,
         "n_pairs": len(held_out),
         "n_general": None if general_items is None else len(general_items),
@@ -175,8 +174,7 @@ def _markdown(data, points, settings: TrainSettings, stats: StatOptions, delta: 
         "",
         f"Rule: {data['rule']}. Best: **{data['best_lr'] if data['best_lr'] is not None else 'none'}**.",
         "",
-        f"Verdicts (on the margin change): positive / negative: the CI excludes zero; no effect: the CI lies within "
-        f"+-{delta:g} nats; not enough data to tell: the CI holds zero and reaches beyond it.",
+        verdict_note(f"{delta:g} nats") + " (On the margin change.)",
         ci_note(stats, "seeds and items, independently"),
         "",
         "![lr](lr.png)",

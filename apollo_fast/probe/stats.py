@@ -6,9 +6,10 @@ Effects measured on several training seeds and the same evaluation items use the
 and the finite evaluation set.
 
 The verdict separates "no effect" from "not enough data to tell" with a smallest effect of interest
-`delta` (equivalence testing): an interval entirely above 0 (or below) is an effect; an interval
-inside [-delta, +delta] around the null value is no effect; an interval that holds the null value
-but reaches beyond +-delta cannot tell the two apart.
+`delta` (equivalence testing): an interval inside [-delta, +delta] around the null value is no effect
+(whatever effect there is, is smaller than delta); otherwise an interval entirely above the null value
+(or below) is an effect; an interval that holds the null value and reaches beyond +-delta cannot
+tell the two apart.
 """
 
 from __future__ import annotations
@@ -123,16 +124,17 @@ def two_way_bootstrap(
 
 
 def verdict(ci: Interval, delta: float, null: float = 0.0) -> str:
-    """'positive' / 'negative' (the interval excludes `null` on that side), 'no effect' (the interval lies
-    within null +- delta), otherwise 'not enough data to tell'."""
+    """'no effect' when the interval lies within null +- delta (any effect is smaller than the smallest effect
+    of interest, even if the interval excludes `null`); otherwise 'positive' / 'negative' when it excludes
+    `null` on that side; otherwise 'not enough data to tell'."""
     if not (np.isfinite(ci.lo) and np.isfinite(ci.hi)):
         return UNCLEAR
+    if null - delta <= ci.lo and ci.hi <= null + delta:
+        return NONE
     if ci.lo > null:
         return POSITIVE
     if ci.hi < null:
         return NEGATIVE
-    if null - delta <= ci.lo and ci.hi <= null + delta:
-        return NONE
     return UNCLEAR
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .common import DEFAULT_STATS, StatOptions, check_delta, check_ints, ci_note
-from .inputs import MIN_ITEMS, Pair, ProbeError, check_finite, load_model, load_pairs
+from .inputs import MIN_ITEMS, Pair, ProbeError, check_finite, load_pairs, open_model
 from .report import Report, fmt, fmt_ci, new_figure, png_bytes, table
 from .scoring import eval_mode, pair_logprobs
 from .stats import POSITIVE, Interval, auc, bootstrap, paired_auc_bootstrap, verdict
@@ -117,7 +117,7 @@ def steering(
     """
     from tqdm.auto import tqdm
 
-    from ..steering import SteeringVector, decoder_layers, hidden_at, steer
+    from ..steering import SteeringVector, hidden_at, steer
 
     stats.check()
     min_auc, min_effect = check_delta("min_auc", min_auc), check_delta("min_effect", min_effect)
@@ -132,9 +132,8 @@ def steering(
         raise ProbeError(f"n_perm must be an integer >= 20, got {n_perm!r}")
     if not behaviours:
         raise ProbeError("give at least one behaviour's pairs")
-    loaded = load_model(model, tokenizer, device=device, dtype=dtype)
-    m, tok = loaded.model, loaded.tokenizer
-    n_layers = len(decoder_layers(m))
+    handle = open_model(model, tokenizer, device=device, dtype=dtype)
+    n_layers = int(handle.config.get_text_config().num_hidden_layers)
     layer_list = check_ints(
         "layers (--layers)", range(n_layers) if layers is None else layers, minimum=0, maximum=n_layers - 1
     )
@@ -143,8 +142,9 @@ def steering(
         if steer_layers is None
         else check_ints("steer_layers (--steer-layers)", steer_layers, minimum=0, maximum=n_layers - 1)
     )
-    sets = {name: load_pairs(src, tok, m, minimum=max(MIN_ITEMS, 2 * folds)) for name, src in behaviours.items()}
-    pad_id = getattr(tok, "pad_token_id", None) or 0
+    sets = {name: load_pairs(src, handle, minimum=max(MIN_ITEMS, 2 * folds)) for name, src in behaviours.items()}
+    m = handle.load()
+    pad_id = getattr(handle.tokenizer, "pad_token_id", None) or 0
     hidden = int(m.get_input_embeddings().embedding_dim)
     results = []
     for name, pairs in sets.items():
@@ -231,7 +231,7 @@ def steering(
         )
     ranking = sorted(results, key=lambda r: -r["best_auc"])
     data = {
-        "model": loaded.name,
+        "model": handle.name,
         "settings": {
             "folds": folds,
             "method": method,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .common import DEFAULT_STATS, StatOptions, check_delta, ci_note
-from .inputs import Pair, ProbeError, is_pairs_file, load_model, load_pairs, load_texts
+from .inputs import Pair, ProbeError, check_same_architecture, is_pairs_file, load_pairs, load_texts, open_model
 from .report import Report, fmt, new_figure, png_bytes, table
 from .scoring import item_nll, pair_logprobs
 from .stats import bootstrap, verdict
@@ -80,32 +80,24 @@ def transfer(
     min_effect = check_delta("min_effect", min_effect)
     if not evals:
         raise ProbeError("give at least one evaluation set (--eval NAME=FILE)")
-    before_model = load_model(base, tokenizer, device=device, dtype=dtype, what="base model")
-    tok = before_model.tokenizer if tokenizer is None else tokenizer
+    base_h = open_model(base, tokenizer, device=device, dtype=dtype, what="base model")
+    trained_h = open_model(trained, base_h.tokenizer, device=device, dtype=dtype, what="trained model")
+    check_same_architecture(base_h, trained_h)
     sets: dict[str, list[Any]] = {}
     for name, source in evals.items():
-        pairs = (isinstance(source, (str, os.PathLike)) and is_pairs_file(source)) or (
-            not isinstance(source, (str, os.PathLike)) and len(source) > 0 and _looks_like_pair(source[0])
-        )
-        if pairs:
-            sets[name] = load_pairs(source, tok, before_model.model)
+        if isinstance(source, (str, os.PathLike)):
+            pairs = is_pairs_file(source)
         else:
-            sets[name] = load_texts(source, tok, before_model.model, chunk_tokens=chunk_tokens)
-    before = _score(before_model.model, sets, batch_size, frozen_from, progress, "base")
-    base_name, base_cls = before_model.name, type(before_model.model).__name__
-    base_config = before_model.model.config.to_dict()
-    before_model = None  # a model loaded from a folder is released before the trained one is loaded
+            pairs = len(source) > 0 and _looks_like_pair(source[0])
+        sets[name] = load_pairs(source, base_h) if pairs else load_texts(source, base_h, chunk_tokens=chunk_tokens)
+    before = _score(base_h.load(), sets, batch_size, frozen_from, progress, "base")
+    base_h.release()  # a model read from a folder is dropped before the trained one is read
     free_memory()
-    after_model = load_model(trained, tok, device=device, dtype=dtype, what="trained model")
-    if type(after_model.model).__name__ != base_cls or _arch(after_model.model.config.to_dict()) != _arch(base_config):
-        raise ProbeError(
-            f"base ({base_cls}) and trained ({type(after_model.model).__name__}) models differ in architecture"
-        )
-    after = _score(after_model.model, sets, batch_size, frozen_from, progress, "trained")
+    after = _score(trained_h.load(), sets, batch_size, frozen_from, progress, "trained")
     results = [_compare(name, before[name], after[name], min_change, min_effect, stats) for name in sets]
     data = {
-        "base": base_name,
-        "trained": after_model.name,
+        "base": base_h.name,
+        "trained": trained_h.name,
         "settings": {
             "min_change": min_change,
             "min_effect": min_effect,
@@ -116,11 +108,6 @@ def transfer(
         "sets": results,
     }
     return Report("transfer", data, _markdown(data, stats), {"transfer.png": _plot(data, stats)})
-
-
-def _arch(config: dict) -> tuple:
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_types")
-    return tuple(str(config.get(k)) for k in keys)
 
 
 def _looks_like_pair(x: Any) -> bool:
@@ -224,10 +211,11 @@ def _markdown(data, stats: StatOptions) -> str:
             rows,
         ),
         "",
-        "Perplexity verdicts: improves / worsens: the CI of the change lies below / above zero (improves on a set "
-        "you did not train on is positive backward transfer); no effect: the relative change's CI lies within "
-        f"+-{100 * data['settings']['min_change']:g}%; not enough data to tell: the CI holds zero and reaches "
-        "beyond that.",
+        "Perplexity verdicts: no effect: the relative change's CI lies within "
+        f"+-{100 * data['settings']['min_change']:g}%; otherwise improves / worsens: the CI lies below / above zero "
+        "(improves on a set you did not train on is positive backward transfer); not enough data to tell: the CI "
+        "holds zero and reaches beyond that. Margin verdicts the same, with "
+        f"+-{data['settings']['min_effect']:g} nats.",
         ci_note(stats, "items, paired (both models scored on each resample)"),
         "",
         "![transfer](transfer.png)",
