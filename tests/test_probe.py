@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _probe_toys import attention_pair, feature_model, feature_pairs, hybrid_model, plant_gdn
+from frozen_models import build
 from train_fixtures import one_thread
 
 from apollo_fast.probe import StatOptions, TrainSettings, dose, gdn_state, learning_rate, steering, transfer
@@ -119,6 +120,27 @@ def test_dose_null_runs_no_effect_and_shuffled_labels(task):
     assert p["ci"][0] <= 0 <= p["ci"][1] and p["verdict"] == "not enough data to tell", p
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
+def test_dose_trains_and_scores_hybrid_models_on_the_frozen_path(task, arch):
+    """GDN models through the whole probe: frozen-context training, long prompts scored on the frozen path."""
+    model = build(arch, seed=1)
+    before = _weights(model)
+    long_pairs = [dict(p, prompt=p["prompt"] * 20) for p in task.pairs(12)]  # >= 256 tokens each
+    report = dose(
+        model,
+        task.examples(8),
+        long_pairs,
+        ns=(2, 4),
+        seeds=1,
+        settings=TrainSettings(lr=1e-3, steps=2, rank=8),
+        stats=STATS,
+        progress=False,
+    )
+    assert [p["steps"] for p in report.data["points"]] == [2, 2] and len(report.data["null"]) == 1
+    assert all(np.isfinite(p["margin_change"]) and p["margin_change"] != 0.0 for p in report.data["points"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_lr_effect_against_damage_and_the_rule(task):
     report = learning_rate(
         _llama(),
@@ -206,11 +228,13 @@ def test_gdn_state_planted_direction_in_one_gdn_layer():
     assert abs(unrelated["alignment"]) < unrelated["baseline"]
 
 
-def test_gdn_state_identical_models_report_zero_change():
-    base, _ = hybrid_model(seed=3)
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
+def test_gdn_state_identical_models_report_zero_change(arch):
+    base = build(arch, seed=3)
     contexts = [list(range(5, 25)), list(range(30, 41))] * 5
-    sv = SteeringVector({i: torch.randn(32) for i in range(3)}, 32, 3)
+    sv = SteeringVector({i: torch.randn(32) for i in range(4)}, 32, 4)
     report = gdn_state(base, copy.deepcopy(base), contexts, vector=sv, stats=STATS, progress=False)
+    assert [r["kind"] for r in report.data["layers"]] == ["gdn", "attention", "gdn", "attention"]
     for r in report.data["layers"]:
         assert r["rel_change"] == 0.0 and r["rel_change_ci"] == [0.0, 0.0] and r["cosine"] == 1.0
         assert r["readout_change"] == 0.0 and r["alignment"] == 0.0 and r["axis_share"] == 0.0
@@ -231,22 +255,23 @@ def test_gdn_state_attention_readout_on_an_attention_only_model():
     assert last["alignment"] == pytest.approx(1.0, abs=1e-5)  # a value-bias shift moves o exactly along e_dim
 
 
-def test_readout_is_the_mixer_output_for_the_next_token():
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next", "llama"])
+def test_readout_is_the_mixer_output_for_the_next_token(arch):
     """The readout with the trained model's own state equals the token mixer's output at the last position of a
     plain transformers forward over the whole context (the definition in the README)."""
     from apollo_fast import encode_context
     from apollo_fast.frozen import segment_logits
     from apollo_fast.probe.gdn_state import _Readout
 
-    model, _ = hybrid_model(seed=2)
-    ids = torch.randint(0, 64, (1, 19), generator=torch.Generator().manual_seed(4))
-    kinds = ("gdn", "attention", "gdn")
-    with torch.no_grad(), _Readout(model, kinds) as rec:
-        segment_logits(model, encode_context(model, ids[:, :-1]), ids[:, -1:])
-        frozen = {i: rec.out[i].clone() for i in range(3)}
+    model = build(arch, seed=2)
+    ids = torch.randint(0, 97, (1, 19), generator=torch.Generator().manual_seed(4))
+    ctx = encode_context(model, ids[:, :-1])
+    with torch.no_grad(), _Readout(model, ctx.layer_kinds) as rec:
+        segment_logits(model, ctx, ids[:, -1:])
+        frozen = dict(rec.out)
         model(input_ids=ids, use_cache=False)
-        full = {i: rec.out[i].clone() for i in range(3)}
-    for i in range(3):
+        full = dict(rec.out)
+    for i in range(len(ctx.layer_kinds)):
         torch.testing.assert_close(frozen[i], full[i], rtol=1e-4, atol=1e-5)
 
 

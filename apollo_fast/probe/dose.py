@@ -112,7 +112,7 @@ def dose(
 
 
 def _markdown(data, points, nulls, settings: TrainSettings, stats: StatOptions, delta: float) -> str:
-    budget = f"{settings.epochs:g} epochs" if settings.steps is None else f"{settings.steps} steps"
+    budget = settings.budget
     lines = [
         "# apollo-fast probe dose",
         "",

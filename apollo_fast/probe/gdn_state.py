@@ -22,8 +22,8 @@ next token. Per layer:
   sum (dr . v)^2 / sum ||dr||^2 (sign-agnostic; a random direction gets 1 / hidden on average).
 
 A change in one layer also changes the input of every later layer, so later layers' states move with
-it; input_change (the relative change of the layer's input over the context) tells such propagated
-change apart from a change of the layer's own weights.
+it; input_change (the relative change of the layer's input, at up to 64 evenly spaced context positions)
+tells such propagated change apart from a change of the layer's own weights.
 """
 
 from __future__ import annotations
@@ -66,8 +66,17 @@ def _mixer_output_module(layer: nn.Module, kind: str) -> nn.Module:
     return mod
 
 
+INPUT_POSITIONS = 64  # context positions at which a layer's input is compared (bounded memory)
+
+
+def _sample_positions(length: int) -> torch.Tensor:
+    """Up to INPUT_POSITIONS evenly spaced positions of a context, always including its last one."""
+    return torch.unique(torch.linspace(0, length - 1, min(length, INPUT_POSITIONS)).round().long())
+
+
 class _Readout:
-    """Forward hooks on every layer's mixer output projection (and input norm), recording the last position."""
+    """Forward hooks on every layer's mixer output projection (its output at the last position) and input norm
+    (its input at `positions`, fp32 on the CPU, when positions are set), kept only until the next forward."""
 
     def __init__(self, model: nn.Module, kinds: Sequence[str]) -> None:
         from ..steering import decoder_layers
@@ -76,15 +85,18 @@ class _Readout:
         self.kinds = kinds
         self.out: dict[int, torch.Tensor] = {}
         self.inputs: dict[int, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None
         self.handles: list[Any] = []
+
+    def _input(self, i: int, x: torch.Tensor) -> None:
+        if self.positions is not None:
+            self.inputs[i] = x[0, self.positions.to(x.device)].float().cpu()
 
     def __enter__(self) -> _Readout:
         for i, (layer, kind) in enumerate(zip(self.layers, self.kinds, strict=True)):
             mod = _mixer_output_module(layer, kind)
             self.handles.append(mod.register_forward_hook(lambda m, a, o, i=i: self.out.__setitem__(i, o[0, -1])))
-            self.handles.append(
-                layer.input_layernorm.register_forward_hook(lambda m, a, o, i=i: self.inputs.__setitem__(i, a[0][0]))
-            )
+            self.handles.append(layer.input_layernorm.register_forward_hook(lambda m, a, o, i=i: self._input(i, a[0])))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -170,9 +182,10 @@ def gdn_state(
         kinds = encode_context(before, torch.tensor([ids[0][:1]], device=dev)).layer_kinds
         with _Readout(before, kinds) as rec:
             for c in tqdm(ids, desc="encode (base)", unit="context", leave=False, disable=not progress):
+                rec.positions = _sample_positions(len(c) - 1)
                 ctx = encode_context(before, torch.tensor([c[:-1]], device=dev))
                 saved.append(tuple(tuple(t.cpu() for t in s) for s in ctx.states))
-                inputs_before.append({i: x.float().cpu() for i, x in rec.inputs.items()})
+                inputs_before.append(dict(rec.inputs))
         arch = ctx.arch
     before = None
     base_h.release()  # a model read from a folder is dropped before the trained one is read
@@ -188,11 +201,13 @@ def gdn_state(
     dev = next(model.parameters()).device
     with eval_mode(model), torch.no_grad(), _Readout(model, kinds) as rec:
         for k, c in enumerate(tqdm(ids, desc="states and readouts", unit="context", disable=not progress)):
+            rec.positions = _sample_positions(len(c) - 1)
             ctx = encode_context(model, torch.tensor([c[:-1]], device=dev))
+            rec.positions = None
             if ctx.arch != arch or ctx.layer_kinds != kinds:
                 raise ProbeError(f"base ({arch}) and trained ({ctx.arch}) models have different layers")
             for i in range(n_layers):
-                x_b, x_a = inputs_before[k][i], rec.inputs[i].float().cpu()
+                x_b, x_a = inputs_before[k][i], rec.inputs[i]
                 input_change[i].append(float((x_a - x_b).norm() / x_b.norm().clamp_min(1e-30)))
             nxt = torch.tensor([c[-1:]], device=dev)
             segment_logits(model, ctx, nxt)
@@ -359,8 +374,8 @@ def _markdown(data, stats: StatOptions) -> str:
         "State: GDN recurrent state [Hv, dk, dv] / attention keys and values after the context. Readout: the "
         "layer's token-mixer output for the next token, trained weights, with the layer's state before vs after "
         "(the change attributable to the state). Alignment: cosine of the mean readout change with the steering "
-        "direction at that layer. Input change: relative change of the layer's input over the context (nonzero "
-        "when earlier layers changed).",
+        "direction at that layer. Input change: relative change of the layer's input at up to 64 context positions "
+        "(nonzero when earlier layers changed).",
         ci_note(stats, "contexts"),
         "",
         "![gdn-state](gdn_state.png)",

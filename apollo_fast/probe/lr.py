@@ -136,7 +136,7 @@ RULE_NO_GENERAL = (
 
 
 def _markdown(data, points, settings: TrainSettings, stats: StatOptions, delta: float) -> str:
-    budget = f"{settings.epochs:g} epochs" if settings.steps is None else f"{settings.steps} steps"
+    budget = settings.budget
     general = data["n_general"] is not None
     lines = [
         "# apollo-fast probe lr",

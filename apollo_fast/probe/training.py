@@ -26,10 +26,11 @@ __all__ = ["TrainSettings", "DEFAULT_TRAINING", "snapshot", "restore", "train_ru
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How each probe run trains. Exactly one of epochs / steps; steps count optimizer steps."""
+    """How each probe run trains: `steps` optimizer steps, or `epochs` over the run's examples (default 3 epochs;
+    not both)."""
 
     lr: float = 1e-5
-    epochs: float | None = 3.0
+    epochs: float | None = None
     steps: int | None = None
     batch: int = 1  # examples per optimizer step
     rank: int = 256
@@ -37,9 +38,17 @@ class TrainSettings:
     segment_batch: int = 8  # segments of one example per forward
     gradient_checkpointing: bool = False
 
+    @property
+    def budget_epochs(self) -> float:
+        return 3.0 if self.epochs is None else self.epochs
+
+    @property
+    def budget(self) -> str:
+        return f"{self.steps} steps" if self.steps is not None else f"{self.budget_epochs:g} epochs"
+
     def check(self) -> None:
-        if (self.epochs is None) == (self.steps is None):
-            raise ProbeError("give exactly one of epochs and steps")
+        if self.epochs is not None and self.steps is not None:
+            raise ProbeError("give either epochs or steps, not both")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ProbeError(f"steps must be an integer >= 1, got {self.steps!r}")
         if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -61,7 +70,7 @@ def run_steps(settings: TrainSettings, n_examples: int) -> int:
     """Optimizer steps of one run on n_examples."""
     if settings.steps is not None:
         return settings.steps
-    return max(1, math.ceil(settings.epochs * n_examples / settings.batch))
+    return max(1, math.ceil(settings.budget_epochs * n_examples / settings.batch))
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -225,29 +225,34 @@ def _markdown(data, stats: StatOptions) -> str:
 
 
 def _plot(data, stats: StatOptions) -> bytes:
+    """Forest plot of ln(ppl_after / ppl_before) (the change of NLL per token, symmetric for gains and losses)."""
     sets = data["sets"]
-    fig, (ax,) = new_figure(7, 1.2 + 0.55 * len(sets))
+    fig, (ax,) = new_figure(7, 1.4 + 0.55 * len(sets))
     y = np.arange(len(sets))[::-1]
-    band = 100 * data["settings"]["min_change"]
-    ax.axvspan(-band, band, color="0.85", label=f"|change| < {band:g}% (no effect)")
+    band = data["settings"]["min_change"]
+    ax.axvspan(
+        np.log1p(-min(band, 0.999)), np.log1p(band), color="0.85", label=f"|change| < {100 * band:g}% (no effect)"
+    )
     ax.axvline(0, color="0.4", linewidth=0.8)
     for yi, s in zip(y, sets, strict=True):
-        if s["rel_delta"] is None:
+        if s["rel_delta"] is None or None in s["rel_ci"]:
             continue
-        lo, hi = (100 * v if v is not None else np.nan for v in s["rel_ci"])
+        mid, lo, hi = (float(np.log1p(v)) for v in (s["rel_delta"], *s["rel_ci"]))
         color = {"improves": "tab:green", "worsens": "tab:red"}.get(s["verdict"], "tab:gray")
-        ax.errorbar(
-            [100 * s["rel_delta"]],
-            [yi],
-            xerr=[[100 * s["rel_delta"] - lo], [hi - 100 * s["rel_delta"]]],
-            fmt="o",
-            color=color,
-            capsize=4,
+        ax.errorbar([mid], [yi], xerr=[[mid - lo], [hi - mid]], fmt="o", color=color, capsize=4)
+        ax.annotate(
+            f"{100 * s['rel_delta']:+.1f}%",
+            (mid, yi),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=8,
         )
     ax.set_yticks(y)
     ax.set_yticklabels([s["name"] for s in sets])
-    ax.set_xlabel(f"perplexity change after training (%), {stats.pct} CI")
-    ax.set_title("transfer: below zero = the set got better")
+    ax.set_ylim(-0.7, len(sets) - 0.3)
+    ax.set_xlabel(f"ln(ppl after / ppl before) = NLL change per token (nats), {stats.pct} CI")
+    ax.set_title("transfer: left of zero = the set got better")
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return png_bytes(fig)
