@@ -10,6 +10,7 @@ with a positive verdict: its CI lies above zero (and not within +-min_effect).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 from .common import DEFAULT_STATS, StatOptions, check_delta, check_ints, check_seeds, ci_note, verdict_note
 from .inputs import ProbeError, load_pairs, load_train, open_model
 from .report import Report, fmt, fmt_ci, new_figure, png_bytes, table
-from .runs import Condition, EffectSummary, run_grid, summarize_effect
+from .runs import Condition, EffectSummary, run_grid, run_log, summarize_effect
 from .stats import POSITIVE
 from .training import DEFAULT_TRAINING, TrainSettings, run_steps
 
@@ -91,7 +92,7 @@ def dose(
         "n_pairs": len(held_out),
         "seeds": seed_list,
         "settings": {
-            **settings.__dict__,
+            **dataclasses.asdict(settings),
             "min_effect": min_effect,
             "level": stats.level,
             "n_boot": stats.n_boot,
@@ -102,6 +103,7 @@ def dose(
         "points": [{"n": n, "steps": run_steps(settings, n), **e.to_dict()} for n, e in points],
         "null": [{"n": n, "shuffled_targets": True, **e.to_dict()} for n, e in nulls],
         "smallest_n": smallest,
+        "runs": run_log(results),
     }
     return Report(
         "dose",

@@ -12,6 +12,7 @@ above zero; otherwise none.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,7 +24,7 @@ from torch import nn
 from .common import DEFAULT_STATS, StatOptions, check_delta, check_seeds, ci_note, verdict_note
 from .inputs import ProbeError, check_finite, load_pairs, load_texts, load_train, open_model
 from .report import Report, fmt, fmt_ci, new_figure, png_bytes, table
-from .runs import Condition, nll_change, run_grid, summarize_effect
+from .runs import Condition, nll_change, run_grid, run_log, summarize_effect
 from .training import DEFAULT_TRAINING, TrainSettings, run_steps
 
 __all__ = ["learning_rate"]
@@ -104,7 +105,7 @@ def learning_rate(
         "n_general": None if general_items is None else len(general_items),
         "seeds": seed_list,
         "settings": {
-            **{k: v for k, v in settings.__dict__.items() if k != "lr"},  # the grid replaces settings.lr
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "lr"},  # the grid replaces settings.lr
             "min_effect": min_effect,
             "max_damage": max_damage,
             "level": stats.level,
@@ -118,6 +119,7 @@ def learning_rate(
         },
         "points": [{k: v for k, v in p.items() if not k.startswith("_")} for p in points],
         "best_lr": best_lr,
+        "runs": run_log(results),
         "rule": RULE.format(max_damage=100 * max_damage) if general_items is not None else RULE_NO_GENERAL,
     }
     return Report(

@@ -20,7 +20,16 @@ from .scoring import Margins, item_nll, pair_logprobs
 from .stats import Interval, two_way_bootstrap, verdict
 from .training import TrainSettings, restore, run_steps, shuffle_targets, snapshot, train_run
 
-__all__ = ["Condition", "RunResult", "run_grid", "subset", "EffectSummary", "summarize_effect", "nll_change"]
+__all__ = [
+    "Condition",
+    "RunResult",
+    "run_grid",
+    "run_log",
+    "subset",
+    "EffectSummary",
+    "summarize_effect",
+    "nll_change",
+]
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,22 @@ def run_grid(
         bar.close()
         restore(model, snap)
     return base, base_general, results
+
+
+def run_log(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Per run: its condition and training loss at the first and last step (did it train at all? diverge?)."""
+    return [
+        {
+            "n": r.condition.n,
+            "lr": r.condition.lr,
+            "seed": r.condition.seed,
+            "shuffled": r.condition.shuffled,
+            "steps": len(r.losses),
+            "first_loss": r.losses[0],
+            "last_loss": r.losses[-1],
+        }
+        for r in results
+    ]
 
 
 @dataclass

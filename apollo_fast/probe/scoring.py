@@ -110,7 +110,7 @@ def pair_logprobs(
     n = len(pairs)
     d, u = np.zeros(n), np.zeros(n)
     short = [i for i, p in enumerate(pairs) if len(p.prompt) < max(2, frozen_from)]
-    long = [i for i, p in enumerate(pairs) if i not in set(short)]
+    long = [i for i, p in enumerate(pairs) if len(p.prompt) >= max(2, frozen_from)]
     bar = tqdm(total=n, desc=desc, unit="pair", leave=False, disable=not progress)
     with eval_mode(model), bar:
         for i in long:
@@ -166,7 +166,7 @@ def item_nll(
     nll, count = np.zeros(len(items)), np.zeros(len(items))
     texts = [i for i, it in enumerate(items) if isinstance(it, GeneralItem)]
     pairs = [i for i, it in enumerate(items) if isinstance(it, Pair)]
-    other = [i for i, it in enumerate(items) if i not in set(texts) | set(pairs)]
+    other = [i for i, it in enumerate(items) if not isinstance(it, (GeneralItem, Pair))]
     with eval_mode(model), tqdm(total=len(items), desc=desc, unit="item", leave=False, disable=not progress) as bar:
         for s in range(0, len(texts), batch_size):
             chunk = texts[s : s + batch_size]

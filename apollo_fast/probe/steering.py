@@ -117,8 +117,6 @@ def steering(
     """
     from tqdm.auto import tqdm
 
-    from ..steering import SteeringVector, hidden_at, steer
-
     stats.check()
     min_auc, min_effect = check_delta("min_auc", min_auc), check_delta("min_effect", min_effect)
     coefs = [check_finite("coefs (--coefs)", c) for c in coefs]
@@ -128,8 +126,13 @@ def steering(
         raise ProbeError(f"folds must be an integer >= 2, got {folds!r}")
     if method not in ("mean_diff", "pca"):
         raise ProbeError(f"method must be mean_diff or pca, got {method!r}")
-    if not isinstance(n_perm, int) or n_perm < 20:
-        raise ProbeError(f"n_perm must be an integer >= 20, got {n_perm!r}")
+    if not isinstance(top_layers, int) or top_layers < 1:
+        raise ProbeError(f"top_layers must be an integer >= 1, got {top_layers!r}")
+    if not isinstance(n_perm, int) or 1 / (1 + max(n_perm, 0)) >= 1 - stats.level:
+        need = int(np.ceil(1 / (1 - stats.level)))
+        raise ProbeError(
+            f"n_perm must be an integer >= {need} for a p-value below {1 - stats.level:.2g}, got {n_perm!r}"
+        )
     if not behaviours:
         raise ProbeError("give at least one behaviour's pairs")
     handle = open_model(model, tokenizer, device=device, dtype=dtype)
@@ -145,90 +148,27 @@ def steering(
     sets = {name: load_pairs(src, handle, minimum=max(MIN_ITEMS, 2 * folds)) for name, src in behaviours.items()}
     m = handle.load()
     pad_id = getattr(handle.tokenizer, "pad_token_id", None) or 0
-    hidden = int(m.get_input_embeddings().embedding_dim)
     results = []
     for name, pairs in sets.items():
-        n = len(pairs)
-        fold = _folds(n, folds, stats.boot_seed)
-        with eval_mode(m):
-            hd = hidden_at(m, [p.prompt + p.desired for p in pairs], layer_list, -1, batch_size, pad_id)
-            hu = hidden_at(m, [p.prompt + p.undesired for p in pairs], layer_list, -1, batch_size, pad_id)
-        per_layer = {}
-        for layer in tqdm(layer_list, desc=f"{name}: separability", unit="layer", leave=False, disable=not progress):
-            s_d, s_u, correct, dirs = cross_validated_scores(hd[layer], hu[layer], fold, method)
-            auc_ci = paired_auc_bootstrap(s_d, s_u, **stats.kw)
-            acc_ci = bootstrap(correct.mean(1), lambda v: v.mean(-1), **stats.kw)
-            null = _null_aucs(hd[layer], hu[layer], fold, method, n_perm, stats.boot_seed)
-            p_value = float((1 + np.sum(null >= auc_ci.value)) / (1 + n_perm))
-            v = verdict(auc_ci, min_auc, null=0.5)
-            if v == POSITIVE and p_value >= 1 - stats.level:
-                v = "not enough data to tell"  # the bootstrap CI clears 0.5 but the permutation null does not
-            per_layer[layer] = {
-                "layer": layer,
-                "auc": auc_ci.value,
-                "auc_ci": auc_ci.as_list(),
-                "accuracy": acc_ci.value,
-                "accuracy_ci": acc_ci.as_list(),
-                "null_auc": float(np.quantile(null, stats.level)),
-                "p_value": p_value,
-                "verdict": {"positive": "separable", "negative": "reversed", "no effect": "not separable"}.get(v, v),
-                "steering": [],
-                "_dirs": dirs,
-            }
-        chosen = steer_fixed or sorted(layer_list, key=lambda i: -per_layer[i]["auc"])[: max(1, top_layers)]
-        chosen = sorted(chosen)
-        base = pair_logprobs(m, pairs, batch_size=batch_size, frozen_from=NO_FROZEN).margin
-        bar = tqdm(
-            total=len(chosen) * len(coefs) * folds,
-            desc=f"{name}: steering",
-            unit="run",
-            leave=False,
-            disable=not progress,
-        )
-        with bar:
-            for layer in chosen:
-                dirs = (
-                    per_layer[layer]["_dirs"]
-                    if layer in per_layer
-                    else cross_validated_scores(*_hidden_pair(m, pairs, layer, batch_size, pad_id), fold, method)[3]
-                )
-                for c in coefs:
-                    on = np.zeros(n)
-                    for f, v in enumerate(dirs):
-                        test = np.flatnonzero(fold == f)
-                        sv = SteeringVector({layer: v}, hidden, n_layers)
-                        with steer(m, sv, c, [layer]):
-                            on[test] = pair_logprobs(
-                                m, [pairs[i] for i in test], batch_size=batch_size, frozen_from=NO_FROZEN
-                            ).margin
-                        bar.update(1)
-                    eff = bootstrap(on - base, lambda d: d.mean(-1), **stats.kw)
-                    row = {
-                        "coef": c,
-                        "margin_change": eff.value,
-                        "ci": eff.as_list(),
-                        "verdict": verdict(eff, min_effect),
-                    }
-                    per_layer.setdefault(layer, {"layer": layer, "steering": []})["steering"].append(row)
-        layers_out = [{k: v for k, v in per_layer[i].items() if not k.startswith("_")} for i in sorted(per_layer)]
-        best = max((r for r in layers_out if "auc" in r), key=lambda r: r["auc"])
-        steer_rows = [(r["layer"], s) for r in layers_out for s in r["steering"]]
-        best_steer = max(steer_rows, key=lambda x: x[1]["ci"][0] if x[1]["ci"][0] is not None else -np.inf)
-        results.append(
-            {
-                "name": name,
-                "n_pairs": n,
-                "base_margin": float(base.mean()),
-                "best_layer": best["layer"],
-                "best_auc": best["auc"],
-                "best_auc_ci": best["auc_ci"],
-                "best_accuracy": best["accuracy"],
-                "best_accuracy_ci": best["accuracy_ci"],
-                "separability": best["verdict"],
-                "best_steering": {"layer": best_steer[0], **best_steer[1]},
-                "layers": layers_out,
-            }
-        )
+        fold = _folds(len(pairs), folds, stats.boot_seed)
+        hd, hu = _hidden_states(m, pairs, layer_list, batch_size, pad_id)
+        per_layer = {
+            layer: _separability(hd[layer], hu[layer], fold, method, n_perm, min_auc, stats)
+            for layer in tqdm(layer_list, desc=f"{name}: separability", unit="layer", leave=False, disable=not progress)
+        }
+        chosen = sorted(steer_fixed or sorted(layer_list, key=lambda i: -per_layer[i]["auc"])[:top_layers])
+        dirs = {
+            layer: per_layer[layer]["_dirs"]
+            if layer in per_layer
+            else cross_validated_scores(
+                *(h[layer] for h in _hidden_states(m, pairs, [layer], batch_size, pad_id)), fold, method
+            )[3]
+            for layer in chosen
+        }
+        base, effects = _steering_effects(m, pairs, fold, dirs, coefs, min_effect, batch_size, stats, progress, name)
+        for layer, rows in effects.items():
+            per_layer.setdefault(layer, {"layer": layer})["steering"] = rows
+        results.append(_behaviour_summary(name, pairs, base, per_layer))
     ranking = sorted(results, key=lambda r: -r["best_auc"])
     data = {
         "model": handle.name,
@@ -252,13 +192,92 @@ def steering(
     return Report("steering", data, _markdown(data, stats), {"steering.png": _plot(data, stats)})
 
 
-def _hidden_pair(m, pairs: list[Pair], layer: int, batch_size: int, pad_id: int):
+def _hidden_states(m: nn.Module, pairs: list[Pair], layers: list[int], batch_size: int, pad_id: int):
+    """Last-token hidden states of prompt + desired and prompt + undesired: ({layer: [n, d]}, {layer: [n, d]})."""
     from ..steering import hidden_at
 
     with eval_mode(m):
-        hd = hidden_at(m, [p.prompt + p.desired for p in pairs], [layer], -1, batch_size, pad_id)[layer]
-        hu = hidden_at(m, [p.prompt + p.undesired for p in pairs], [layer], -1, batch_size, pad_id)[layer]
+        hd = hidden_at(m, [p.prompt + p.desired for p in pairs], layers, -1, batch_size, pad_id)
+        hu = hidden_at(m, [p.prompt + p.undesired for p in pairs], layers, -1, batch_size, pad_id)
     return hd, hu
+
+
+def _separability(h_d, h_u, fold, method: str, n_perm: int, min_auc: float, stats: StatOptions) -> dict[str, Any]:
+    """One layer: held-out AUC and accuracy with CIs, the permutation null, the verdict (and the folds' directions)."""
+    s_d, s_u, correct, dirs = cross_validated_scores(h_d, h_u, fold, method)
+    auc_ci = paired_auc_bootstrap(s_d, s_u, **stats.kw)
+    acc_ci = bootstrap(correct.mean(1), lambda v: v.mean(-1), **stats.kw)
+    null = _null_aucs(h_d, h_u, fold, method, n_perm, stats.boot_seed)
+    p_value = float((1 + np.sum(null >= auc_ci.value)) / (1 + n_perm))
+    v = verdict(auc_ci, min_auc, null=0.5)
+    if v == POSITIVE and p_value >= 1 - stats.level:
+        v = "not enough data to tell"  # the bootstrap CI clears 0.5 but the permutation null does not
+    return {
+        "auc": auc_ci.value,
+        "auc_ci": auc_ci.as_list(),
+        "accuracy": acc_ci.value,
+        "accuracy_ci": acc_ci.as_list(),
+        "null_auc": float(np.quantile(null, stats.level)),
+        "p_value": p_value,
+        "verdict": {"positive": "separable", "negative": "reversed", "no effect": "not separable"}.get(v, v),
+        "steering": [],
+        "_dirs": dirs,
+    }
+
+
+def _steering_effects(m, pairs, fold, dirs, coefs, min_effect, batch_size, stats, progress, name):
+    """Base margins [n] and, per layer, per coefficient: the held-out margin change with each fold steered along
+    the direction its training folds gave."""
+    from tqdm.auto import tqdm
+
+    from ..steering import SteeringVector, steer
+
+    hidden, n_layers = int(m.get_input_embeddings().embedding_dim), int(m.config.get_text_config().num_hidden_layers)
+    base = pair_logprobs(m, pairs, batch_size=batch_size, frozen_from=NO_FROZEN).margin
+    out: dict[int, list[dict[str, Any]]] = {}
+    n_folds = int(fold.max()) + 1
+    with tqdm(
+        total=len(dirs) * len(coefs) * n_folds, desc=f"{name}: steering", unit="run", leave=False, disable=not progress
+    ) as bar:
+        for layer, layer_dirs in dirs.items():
+            out[layer] = []
+            for c in coefs:
+                on = np.zeros(len(pairs))
+                for f, v in enumerate(layer_dirs):
+                    test = np.flatnonzero(fold == f)
+                    with steer(m, SteeringVector({layer: v}, hidden, n_layers), c, [layer]):
+                        on[test] = pair_logprobs(
+                            m, [pairs[i] for i in test], batch_size=batch_size, frozen_from=NO_FROZEN
+                        ).margin
+                    bar.update(1)
+                eff = bootstrap(on - base, lambda d: d.mean(-1), **stats.kw)
+                out[layer].append(
+                    {"coef": c, "margin_change": eff.value, "ci": eff.as_list(), "verdict": verdict(eff, min_effect)}
+                )
+    return base, out
+
+
+def _behaviour_summary(name: str, pairs: list[Pair], base: np.ndarray, per_layer: dict[int, dict]) -> dict[str, Any]:
+    layers_out = [
+        {"layer": i, **{k: v for k, v in per_layer[i].items() if not k.startswith("_") and k != "layer"}}
+        for i in sorted(per_layer)
+    ]
+    best = max((r for r in layers_out if "auc" in r), key=lambda r: r["auc"])
+    steer_rows = [(r["layer"], s) for r in layers_out for s in r.get("steering", [])]
+    best_steer = max(steer_rows, key=lambda x: x[1]["ci"][0] if x[1]["ci"][0] is not None else -np.inf)
+    return {
+        "name": name,
+        "n_pairs": len(pairs),
+        "base_margin": float(base.mean()),
+        "best_layer": best["layer"],
+        "best_auc": best["auc"],
+        "best_auc_ci": best["auc_ci"],
+        "best_accuracy": best["accuracy"],
+        "best_accuracy_ci": best["accuracy_ci"],
+        "separability": best["verdict"],
+        "best_steering": {"layer": best_steer[0], **best_steer[1]},
+        "layers": layers_out,
+    }
 
 
 def _iv(value, ci, level) -> Interval:
@@ -314,21 +333,21 @@ def _markdown(data, stats: StatOptions) -> str:
         for r in b["layers"]:
             steer_txt = (
                 "; ".join(
-                    f"x{x['coef']:g}: {fmt_ci(_iv(x['margin_change'], x['ci'], stats.level))}" for x in r["steering"]
+                    f"x{x['coef']:g}: {fmt_ci(_iv(x['margin_change'], x['ci'], stats.level))}"
+                    for x in r.get("steering", [])
                 )
                 or "-"
             )
             if "auc" in r:
-                rows.append(
-                    [
-                        str(r["layer"]),
-                        fmt_ci(_iv(r["auc"], r["auc_ci"], stats.level), sign=False),
-                        fmt(r["null_auc"], 3),
-                        fmt(r["p_value"], 2),
-                        r["verdict"],
-                        steer_txt,
-                    ]
-                )
+                sep = [
+                    fmt_ci(_iv(r["auc"], r["auc_ci"], stats.level), sign=False),
+                    fmt(r["null_auc"], 3),
+                    fmt(r["p_value"], 2),
+                    r["verdict"],
+                ]
+            else:
+                sep = ["-", "-", "-", "not measured (not in --layers)"]
+            rows.append([str(r["layer"]), *sep, steer_txt])
         lines += [
             f"## {b['name']} ({b['n_pairs']} pairs; base margin {fmt(b['base_margin'], 3, True)} nats)",
             "",
