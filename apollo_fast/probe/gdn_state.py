@@ -152,10 +152,6 @@ def gdn_state(
 
     vector: a SteeringVector or its .safetensors path (optional).
     """
-    from tqdm.auto import tqdm
-
-    from .. import encode_context
-    from ..frozen import segment_logits
     from ..steering import SteeringVector
 
     stats.check()
@@ -175,50 +171,14 @@ def gdn_state(
                 f"layers; the models have {text.hidden_size} and {text.num_hidden_layers}"
             )
     ids = load_contexts(contexts, base_h)
-    saved, inputs_before = [], []
-    before = base_h.load()
-    with eval_mode(before), torch.no_grad():
-        dev = next(before.parameters()).device
-        kinds = encode_context(before, torch.tensor([ids[0][:1]], device=dev)).layer_kinds
-        with _Readout(before, kinds) as rec:
-            for c in tqdm(ids, desc="encode (base)", unit="context", leave=False, disable=not progress):
-                rec.positions = _sample_positions(len(c) - 1)
-                ctx = encode_context(before, torch.tensor([c[:-1]], device=dev))
-                saved.append(tuple(tuple(t.cpu() for t in s) for s in ctx.states))
-                inputs_before.append(dict(rec.inputs))
-        arch = ctx.arch
-    before = None
+    kinds, arch, saved, inputs_before = _base_states(base_h.load(), ids, progress)
     base_h.release()  # a model read from a folder is dropped before the trained one is read
     free_memory()
     model = trained_h.load()
     if vector is not None:
         vector.check_compatible(model)
+    heads, dr, r_norm, input_change = _measure(model, ids, kinds, arch, saved, inputs_before, progress)
     n_layers, n_ctx = len(kinds), len(ids)
-    heads: dict[int, list[tuple]] = {i: [] for i in range(n_layers)}
-    dr = {i: [] for i in range(n_layers)}
-    r_norm = {i: [] for i in range(n_layers)}
-    input_change = {i: [] for i in range(n_layers)}
-    dev = next(model.parameters()).device
-    with eval_mode(model), torch.no_grad(), _Readout(model, kinds) as rec:
-        for k, c in enumerate(tqdm(ids, desc="states and readouts", unit="context", disable=not progress)):
-            rec.positions = _sample_positions(len(c) - 1)
-            ctx = encode_context(model, torch.tensor([c[:-1]], device=dev))
-            rec.positions = None
-            if ctx.arch != arch or ctx.layer_kinds != kinds:
-                raise ProbeError(f"base ({arch}) and trained ({ctx.arch}) models have different layers")
-            for i in range(n_layers):
-                x_b, x_a = inputs_before[k][i], rec.inputs[i]
-                input_change[i].append(float((x_a - x_b).norm() / x_b.norm().clamp_min(1e-30)))
-            nxt = torch.tensor([c[-1:]], device=dev)
-            segment_logits(model, ctx, nxt)
-            r_after = {i: rec.out[i].float().cpu() for i in range(n_layers)}
-            for i in range(n_layers):
-                old = tuple(t.to(dev) for t in saved[k][i])
-                heads[i].append(_state_metrics(kinds[i], old, ctx.states[i]))
-                segment_logits(model, _with_state(ctx, i, old), nxt)
-                r_before = rec.out[i].float().cpu()
-                dr[i].append(r_after[i] - r_before)
-                r_norm[i].append(float(r_before.norm()))
     hidden = int(dr[0][0].numel())
     baseline = random_direction_baseline(hidden, stats.level, seed=stats.boot_seed)
     layers = [
@@ -248,6 +208,65 @@ def gdn_state(
         "layers": layers,
     }
     return Report("gdn-state", data, _markdown(data, stats), {"gdn_state.png": _plot(data, stats)})
+
+
+@torch.no_grad()
+def _base_states(model: nn.Module, ids: list[list[int]], progress: bool):
+    """Encode every context with the base model: layer kinds, arch, per context the states (CPU) and the layers'
+    inputs at the sampled positions."""
+    from tqdm.auto import tqdm
+
+    from .. import encode_context
+
+    saved, inputs = [], []
+    with eval_mode(model):
+        dev = next(model.parameters()).device
+        kinds = encode_context(model, torch.tensor([ids[0][:1]], device=dev)).layer_kinds
+        with _Readout(model, kinds) as rec:
+            for c in tqdm(ids, desc="encode (base)", unit="context", leave=False, disable=not progress):
+                rec.positions = _sample_positions(len(c) - 1)
+                ctx = encode_context(model, torch.tensor([c[:-1]], device=dev))
+                saved.append(tuple(tuple(t.cpu() for t in s) for s in ctx.states))
+                inputs.append(dict(rec.inputs))
+    return kinds, ctx.arch, saved, inputs
+
+
+@torch.no_grad()
+def _measure(model: nn.Module, ids, kinds, arch: str, saved, inputs_before, progress: bool):
+    """With the trained model, per context and layer: state statistics against the base's state, the readout
+    change dr = r(S_after) - r(S_before) (only that layer's state swapped), |r(S_before)|, the input change."""
+    from tqdm.auto import tqdm
+
+    from .. import encode_context
+    from ..frozen import segment_logits
+
+    n_layers = len(kinds)
+    heads: dict[int, list[tuple]] = {i: [] for i in range(n_layers)}
+    dr: dict[int, list[torch.Tensor]] = {i: [] for i in range(n_layers)}
+    r_norm: dict[int, list[float]] = {i: [] for i in range(n_layers)}
+    input_change: dict[int, list[float]] = {i: [] for i in range(n_layers)}
+    dev = next(model.parameters()).device
+    with eval_mode(model), _Readout(model, kinds) as rec:
+        for k, c in enumerate(tqdm(ids, desc="states and readouts", unit="context", disable=not progress)):
+            rec.positions = _sample_positions(len(c) - 1)
+            ctx = encode_context(model, torch.tensor([c[:-1]], device=dev))
+            rec.positions = None
+            if ctx.arch != arch or ctx.layer_kinds != kinds:
+                raise ProbeError(f"base ({arch}) and trained ({ctx.arch}) models have different layers")
+            for i in range(n_layers):
+                x_b, x_a = inputs_before[k][i], rec.inputs[i]
+                input_change[i].append(float((x_a - x_b).norm() / x_b.norm().clamp_min(1e-30)))
+            nxt = torch.tensor([c[-1:]], device=dev)
+            segment_logits(model, ctx, nxt)
+            r_after = {i: rec.out[i].float().cpu() for i in range(n_layers)}
+            for i in range(n_layers):
+                old = tuple(t.to(dev) for t in saved[k][i])
+                heads[i].append(_state_metrics(kinds[i], old, ctx.states[i]))
+                segment_logits(model, _with_state(ctx, i, old), nxt)
+                r_before = rec.out[i].float().cpu()
+                dr[i].append(r_after[i] - r_before)
+                r_norm[i].append(float(r_before.norm()))
+    return heads, dr, r_norm, input_change
 
 
 def _mean_ci(values: np.ndarray, stats: StatOptions) -> Interval:

@@ -100,13 +100,16 @@ class ModelHandle:
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"{what}: not a transformers model folder (no config.json): {self.path}")
         self.config, self.name = AutoConfig.from_pretrained(self.path), str(self.path)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
         from ..frozen import SUPPORTED_MODELS
 
-        archs = getattr(self.config, "architectures", None) or []
-        if archs and not any(a in SUPPORTED_MODELS for a in archs):
+        # The class AutoModelForCausalLM will build (a multimodal checkpoint's config still maps to its text LM);
+        # unknown types are checked once loaded.
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(self.config, "model_type", None))
+        if cls is not None and cls not in SUPPORTED_MODELS:
             raise ProbeError(
-                f"{what} {self.path}: model class {archs[0]} is not supported (supported: "
-                f"{', '.join(SUPPORTED_MODELS)})"
+                f"{what} {self.path}: model class {cls} is not supported (supported: {', '.join(SUPPORTED_MODELS)})"
             )
         if tokenizer is None:
             try:
