@@ -158,7 +158,7 @@ def test_lr_effect_against_damage_and_the_rule(task):
     assert pts[1e-3]["margin_change"] > pts[1e-4]["margin_change"] > 0
     assert pts[3e-2]["damage_ci"][0] > 0.05  # a large rate damages the general data ...
     assert abs(pts[1e-4]["damage"]) < 0.01  # ... a small one does not
-    eligible = [p for p in pts.values() if p["damage_ci"][1] <= 0.05]
+    eligible = [p for p in pts.values() if p["damage_ci"][1] <= 0.05 and p["verdict"] == "positive"]
     best = max(eligible, key=lambda p: p["ci"][0])
     assert report.data["best_lr"] == best["lr"] != 3e-2  # the stated rule
     assert "lr.png" in report.figures and "**(best)**" in report.markdown

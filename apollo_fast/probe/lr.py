@@ -7,7 +7,7 @@ exp(mean NLL change per token) - 1). Both with two-way bootstrap CIs over seeds 
 
 Rule for the best learning rate: among the rates whose damage CI stays below `max_damage` (all rates
 when no general data is given), the one whose effect CI has the highest lower bound, if that bound is
-above zero; otherwise none.
+above zero and its verdict positive; otherwise none.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .common import DEFAULT_STATS, StatOptions, check_delta, check_seeds, ci_not
 from .inputs import ProbeError, check_finite, load_pairs, load_texts, load_train, open_model
 from .report import Report, fmt, fmt_ci, new_figure, png_bytes, table
 from .runs import Condition, nll_change, run_grid, run_log, summarize_effect
+from .stats import POSITIVE
 from .training import DEFAULT_TRAINING, TrainSettings, run_steps
 
 __all__ = ["learning_rate"]
@@ -95,8 +96,9 @@ def learning_rate(
             point.update(damage=dmg.value, damage_ci=dmg.as_list(), _damage=dmg)
         points.append(point)
     eligible = [p for p in points if general_items is None or p["_damage"].hi <= max_damage]
-    best = max(eligible, key=lambda p: (p["_effect"].margin_change.lo, -p["lr"]), default=None)
-    best_lr = best["lr"] if best is not None and best["_effect"].margin_change.lo > 0 else None
+    effective = [p for p in eligible if p["_effect"].verdict == POSITIVE]
+    best = max(effective, key=lambda p: (p["_effect"].margin_change.lo, -p["lr"]), default=None)
+    best_lr = None if best is None else best["lr"]
     base_ppl = float(np.exp(base_nll.sum() / tokens.sum())) if general_items is not None else None
     data = {
         "model": handle.name,
@@ -129,10 +131,10 @@ def learning_rate(
 
 RULE = (
     "best lr: among the rates whose damage CI stays below +{max_damage:g}% general perplexity, the one with the "
-    "highest lower effect-CI bound, if that bound is above zero"
+    "highest lower effect-CI bound among those with a positive verdict (CI above zero, not within +-min-effect)"
 )
 RULE_NO_GENERAL = (
-    "best lr: the rate with the highest lower effect-CI bound, if that bound is above zero (no general "
+    "best lr: the rate with the highest lower effect-CI bound among those with a positive verdict (no general "
     "data given: damage not measured)"
 )
 
