@@ -16,6 +16,7 @@ COMMANDS = [
     "apollo_fast.training.train_cli",
     "apollo_fast.vectors.cli",
     "apollo_fast.steering.cli",
+    "apollo_fast.probe.cli",
 ]
 
 
