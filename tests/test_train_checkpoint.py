@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 from train_fixtures import make_tokenizer, one_thread
 
-from apollo_fast import APOLLO, apollo_param_groups
+from apollo_fast import APOLLO, apollo_param_groups, atomic
 from apollo_fast.toy import tiny_causal_lm
 from apollo_fast.training import checkpoint as ckpt
 
@@ -106,19 +106,19 @@ def test_keep_prunes_old_checkpoints_and_resave_replaces(tmp_path):
     assert ckpt.load_checkpoint(root)["note"] == "again"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
-        ckpt.resolve_checkpoint(tmp_path / "nothing")
+        ckpt.load_checkpoint(tmp_path / "nothing")
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "loss.csv"
-    ckpt.atomic_write_text(path, "old\n")
+    atomic.atomic_write_text(path, "old\n")
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write_text(path, "new\n")
+        atomic.atomic_write_text(path, "new\n")
     monkeypatch.undo()
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["loss.csv"], "temp file left behind"
@@ -130,7 +130,7 @@ def test_save_pretrained_atomic_replaces_whole_or_not_at_all(tmp_path):
     model, _ = trained()
     tok = make_tokenizer()
     out = tmp_path / "model"
-    ckpt.save_pretrained_atomic(model, tok, out)
+    atomic.save_pretrained_atomic(model, tok, out)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out)("ab")["input_ids"] == tok("ab")["input_ids"]
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
@@ -142,7 +142,7 @@ def test_save_pretrained_atomic_replaces_whole_or_not_at_all(tmp_path):
 
     other, _ = trained(seed=5)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_pretrained_atomic(other, BrokenTokenizer(), out)
+        atomic.save_pretrained_atomic(other, BrokenTokenizer(), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "temp dir left behind"
     again = AutoModelForCausalLM.from_pretrained(out)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):

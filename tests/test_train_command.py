@@ -14,6 +14,7 @@ import torch
 from helpers import assert_close
 from train_fixtures import (
     IGNORE,
+    backward_trainer,
     copy_behaviour,
     fallback_segment_loss,
     general_texts,
@@ -25,7 +26,8 @@ from train_fixtures import (
 )
 
 from apollo_fast import cli
-from apollo_fast.training import loop, steps
+from apollo_fast.frozen.trainer import pad_segments
+from apollo_fast.training import loop
 from apollo_fast.training.checkpoint import STATE_FILE, latest_checkpoint
 from apollo_fast.training.data import load_behaviour
 from apollo_fast.training.loop import TrainConfig, train
@@ -77,7 +79,7 @@ def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monk
     tok = make_tokenizer()
     row, ex = example_with_empty_prompt(tmp_path, tok)
     model = tiny_causal_lm(seed=3)
-    got = steps.behaviour_backward(model, ex, weight=0.5, segment_batch=segment_batch)
+    got = loop.item_backward(backward_trainer(model, segment_batch), ex, weight=0.5)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
@@ -98,17 +100,17 @@ def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monk
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_real_frozen_path_gives_the_full_sequence_loss_value(tmp_path, arch):
-    """encode_context + segment_loss through behaviour_backward: the loss value equals the full-sequence one;
+    """encode_context + segment_loss through item_backward (the trainer's backward): the loss value equals the full-sequence one;
     padded batches of segments give the same loss and gradients as one segment at a time."""
     from apollo_fast.toy import tiny_causal_lm
 
     tok = make_tokenizer()
     _, ex = example_with_empty_prompt(tmp_path, tok)
     model = tiny_causal_lm(arch=arch, layers=4 if arch == "qwen3_5" else 2, seed=2)
-    one_by_one = steps.behaviour_backward(model, ex, weight=1.0, segment_batch=1)
+    one_by_one = loop.item_backward(backward_trainer(model, 1), ex, weight=1.0)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    got = steps.behaviour_backward(model, ex, weight=1.0, segment_batch=8)
+    got = loop.item_backward(backward_trainer(model, 8), ex, weight=1.0)
     assert_close("batched vs one-by-one loss", one_by_one, got, rtol=1e-5)
     for name, g in grads.items():
         assert_close(f"batched vs one-by-one grad {name}", g, dict(model.named_parameters())[name].grad, 1e-4, 1e-7)
@@ -258,10 +260,10 @@ def test_train_on_gpu_in_bf16(tmp_path, models, arch):
 
 def test_pad_segments_right_pads_with_ignored_labels(tmp_path):
     _, ex = example_with_empty_prompt(tmp_path, make_tokenizer())
-    ids, labels, mask = steps.pad_segments(ex.segments)
+    ids, labels, mask = pad_segments([(s.input_ids, s.labels) for s in ex.segments])
     lengths = [s.input_ids.numel() for s in ex.segments]
     assert ids.shape == labels.shape == mask.shape == (3, max(lengths))
     for row, (seg, n) in enumerate(zip(ex.segments, lengths, strict=True)):
         assert torch.equal(ids[row, :n], seg.input_ids) and torch.equal(labels[row, :n], seg.labels)
         assert (labels[row, n:] == IGNORE).all() and mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
-    assert steps.pad_segments(ex.segments[:1])[2] is None
+    assert pad_segments([(s.input_ids, s.labels) for s in ex.segments[:1]])[2] is None

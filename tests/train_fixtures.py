@@ -91,7 +91,7 @@ def fallback_encode_context(model, input_ids, attention_mask=None):
     return input_ids.detach()
 
 
-def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask=None):
+def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask=None, **options):
     """Stand-in for apollo_fast.segment_loss: full-sequence loss on context + segment, context labels -100.
 
     Same value as the frozen loss (labels shifted inside the segment, so its first label is unused);
@@ -108,7 +108,15 @@ def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask
 
 
 def use_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Always the fallback (for tests that compare against full-sequence loss values in any install)."""
-    from apollo_fast.training import steps
+    """The trainer runs the fallback instead of the frozen core (to compare with full-sequence gradients)."""
+    from apollo_fast.frozen import trainer
 
-    monkeypatch.setattr(steps, "load_frozen_api", lambda: (fallback_encode_context, fallback_segment_loss))
+    monkeypatch.setattr(trainer, "encode_context", fallback_encode_context)
+    monkeypatch.setattr(trainer, "segment_loss", fallback_segment_loss)
+
+
+def backward_trainer(model, segment_batch: int = 8):
+    """A FrozenContextTrainer for backward() calls only (its optimizer never steps in these tests)."""
+    from apollo_fast import FrozenContextTrainer
+
+    return FrozenContextTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=segment_batch)
