@@ -7,8 +7,9 @@ output under its final name.
 - A file is written to `.tmp-NAME-XXXXXXXX` in the same folder, flushed and fsynced, given the
   mode an ordinary open() would give it (0666 & ~umask; mkstemp makes 0600), renamed onto NAME,
   and the folder is fsynced so that the rename itself survives a power cut.
-- A folder is built as `.tmp-NAME-XXXXXXXX` (0777 & ~umask), every file and folder in it is
-  fsynced, then it is renamed into place and the parent fsynced. An existing folder is replaced by
+- A folder is built as `.tmp-NAME-XXXXXXXX` (0777 & ~umask); every file and folder in it gets the
+  umask's mode (whatever its writer chose: safetensors writes 0600) and is fsynced; then the folder
+  is renamed into place and the parent fsynced. An existing folder is replaced by
   one atomic exchange (Linux renameat2 RENAME_EXCHANGE); where that is unavailable the old folder
   is first renamed to `.tmp-old-NAME-XXXXXXXX`, and `remove_stale` puts it back if a kill came
   between the two renames.
@@ -88,11 +89,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str | os.PathLike) -> None:
-    """fsync every file and folder under `root`, `root` included."""
-    for dirpath, _, filenames in os.walk(root):
+def fsync_tree(root: str | os.PathLike, *, modes: bool = False) -> None:
+    """fsync every file and folder under `root`, `root` included; with modes=True first give each the mode
+    an ordinary open() / mkdir() would under the umask (0644 / 0755 under umask 022; executables keep
+    their x bits): some writers (safetensors) create 0600 files, which a teammate could not read."""
+    mask = umask()
+    for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames:
-            _fsync(Path(dirpath) / name)
+            path = Path(dirpath) / name
+            if modes and not path.is_symlink():
+                x = path.stat().st_mode & 0o111
+                os.chmod(path, (0o777 if x else 0o666) & ~mask)
+            _fsync(path)
+        if modes:
+            for name in dirnames:
+                if not (Path(dirpath) / name).is_symlink():
+                    os.chmod(Path(dirpath) / name, 0o777 & ~mask)
         _fsync(Path(dirpath))
 
 
@@ -205,7 +217,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         yield tmp
-        fsync_tree(tmp)
+        fsync_tree(tmp, modes=True)
         _move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -147,3 +147,34 @@ def test_save_pretrained_atomic_replaces_whole_or_not_at_all(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(out)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name}: the interrupted save changed the saved model"
+
+
+def test_manifest_detects_damage_and_loading_falls_back_to_the_newest_good_checkpoint(tmp_path):
+    model, opt = trained()
+    root = tmp_path / "ck"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(root, step, model, {"note": step}, keep=3)
+    for step in (1, 2, 3):
+        ckpt.verify_checkpoint(root / f"step-{step:08d}")
+    newest = root / "step-00000003"
+    raw = bytearray((newest / ckpt.MODEL_FILE).read_bytes())
+    raw[-1] ^= 1  # one flipped bit in the last weight: every parser would still accept it
+    (newest / ckpt.MODEL_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors: sha256 differs from the manifest"):
+        ckpt.verify_checkpoint(newest)
+    state = ckpt.load_checkpoint(root, model)
+    assert state["note"] == 2 and state["path"] == str(root / "step-00000002")
+    assert state["skipped"] == [(str(newest), f"{newest / ckpt.MODEL_FILE}: sha256 differs from the manifest "
+                                              "(the file is corrupted)")]  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError, match="sha256 differs") as err:
+        ckpt.load_checkpoint(newest, model)  # named explicitly: an error that names the good one
+    assert err.value.good == root / "step-00000002" and str(root / "step-00000002") in str(err.value)
+
+    (root / "step-00000002" / ckpt.STATE_FILE).write_bytes(b"")
+    (root / "step-00000001" / ckpt.MANIFEST_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint") as err:
+        ckpt.load_checkpoint(root, model)
+    assert "trainer.pt: 0 bytes, the manifest says" in str(err.value)
+    assert "step-00000001/manifest.json: missing" in str(err.value)
+    moved = ckpt.quarantine(newest)
+    assert moved.name == "corrupt-step-00000003" and ckpt.latest_checkpoint(root).name == "step-00000002"

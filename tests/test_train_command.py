@@ -100,8 +100,8 @@ def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monk
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_real_frozen_path_gives_the_full_sequence_loss_value(tmp_path, arch):
-    """encode_context + segment_loss through item_backward (the trainer's backward): the loss value equals the full-sequence one;
-    padded batches of segments give the same loss and gradients as one segment at a time."""
+    """encode_context + segment_loss through item_backward (the trainer's backward): the loss value equals the
+    full-sequence one; padded batches of segments give the same loss and gradients as one segment at a time."""
     from apollo_fast.toy import tiny_causal_lm
 
     tok = make_tokenizer()
@@ -267,3 +267,33 @@ def test_pad_segments_right_pads_with_ignored_labels(tmp_path):
         assert torch.equal(ids[row, :n], seg.input_ids) and torch.equal(labels[row, :n], seg.labels)
         assert (labels[row, n:] == IGNORE).all() and mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
     assert pad_segments([(s.input_ids, s.labels) for s in ex.segments[:1]])[2] is None
+
+
+def test_general_item_is_plain_language_modelling_and_apply_reports_the_norm():
+    """A general chunk through the trainer (context None) is the model's own LM loss; apply() clips with it."""
+    from apollo_fast import FrozenContextTrainer
+    from apollo_fast.toy import tiny_causal_lm
+    from apollo_fast.training.data import GeneralItem
+
+    model = tiny_causal_lm(seed=4)
+    ids = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(4))
+    want = model(input_ids=ids[None], labels=ids[None], use_cache=False).loss
+    (want * 0.25).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    model.zero_grad(set_to_none=True)
+
+    seen = {}
+
+    class Capture(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    trainer = FrozenContextTrainer(model, Capture(model.parameters(), lr=0.0), max_grad_norm=float(norm) / 2)
+    got = loop.item_backward(trainer, GeneralItem(line=1, input_ids=ids), 0.25)
+    assert_close("general item loss", want.detach(), got, rtol=0)
+    assert_close("grad norm", norm, trainer.apply(), rtol=1e-6)
+    assert trainer.last_grad_norm == pytest.approx(float(norm), rel=1e-6) and trainer.optimizer_steps == 1
+    for name, g in grads.items():  # clipped to half the norm
+        assert_close(f"clipped grad {name}", g / 2, seen[name], rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())

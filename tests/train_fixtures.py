@@ -21,6 +21,7 @@ import torch
 IGNORE = -100
 CHARS = string.ascii_lowercase + string.digits + " .,:;!?->=_()"
 
+
 def one_thread():
     """Generator for a module-scoped autouse fixture: torch on one thread (tiny ops on 2 shared cores run
     ~10x faster without OpenMP contention), restored afterwards."""

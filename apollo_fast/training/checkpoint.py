@@ -52,9 +52,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and why. `good`: the newest
     checkpoint beside it that verifies, when there is one."""
 
-    def __init__(self, message: str, good: Path | None = None) -> None:
-        super().__init__(message)
-        self.good = good
+    def __init__(self, reason: str, good: Path | None = None) -> None:
+        hint = f"; the newest checkpoint beside it that verifies is {good}" if good is not None else ""
+        super().__init__(reason + hint)
+        self.reason, self.good = reason, good
 
 
 def _sha256(path: Path) -> str:
@@ -180,8 +181,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict[st
         except CheckpointError as err:
             siblings = [p for p in _step_dirs(path.parent)[::-1] if p != path]
             good = next((p for p in siblings if _verifies(p)), None)
-            hint = f"; the newest checkpoint beside it that verifies is {good}" if good else ""
-            raise CheckpointError(f"{err}{hint}", good) from None
+            raise CheckpointError(err.reason, good) from None
         state["skipped"] = []
         return state
     state, skipped = _first_good(candidates, model)

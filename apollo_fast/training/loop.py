@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_json, remove_stale, remove_tree, save_pretrained_atomic
-from ..checks import check_output, finite_number
+from ..checks import check_input_file, check_output, finite_number
 from ..frozen.trainer import FrozenContextTrainer
 from ..optim import APOLLO
 from ..param_groups import apollo_param_groups
@@ -186,8 +186,9 @@ def _resume_state(cfg: TrainConfig, out: Path, model: nn.Module) -> dict[str, An
         _say(f"no checkpoint in {out / CHECKPOINT_DIR} yet: starting from the first step")
         return None
     except CheckpointError as err:
-        hint = f" (--resume {err.good})" if err.good is not None else ""
-        raise CheckpointError(f"cannot resume: {err}{hint}", err.good) from None
+        if err.good is None:
+            raise
+        raise ValueError(f"cannot resume: {err.reason}; the newest good checkpoint is --resume {err.good}") from None
 
 
 def _load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:
@@ -281,6 +282,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     _check_config(cfg)
     out = Path(cfg.out)
     check_output(out, overwrite=True, folder=True)  # a writable place for a folder, before anything is loaded
+    for option, path in (("--data", cfg.data), ("--general", cfg.general)):
+        if path is not None:
+            check_input_file(path, option)
     with ExitStack() as held:
         locked = out.is_dir()
         if locked:  # lock first, so that what is found in it stays true
