@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close
 from train_fixtures import make_tokenizer, one_thread
 
-from apollo_fast import APOLLO, apollo_param_groups
+from apollo_fast import APOLLO, apollo_param_groups, atomic
 from apollo_fast.toy import tiny_causal_lm
 from apollo_fast.training import checkpoint as ckpt
 
@@ -106,19 +106,19 @@ def test_keep_prunes_old_checkpoints_and_resave_replaces(tmp_path):
     assert ckpt.load_checkpoint(root)["note"] == "again"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
     with pytest.raises(FileNotFoundError, match="no checkpoint found"):
-        ckpt.resolve_checkpoint(tmp_path / "nothing")
+        ckpt.load_checkpoint(tmp_path / "nothing")
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "loss.csv"
-    ckpt.atomic_write_text(path, "old\n")
+    atomic.atomic_write_text(path, "old\n")
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt.os, "replace", fail)
+    monkeypatch.setattr(atomic.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write_text(path, "new\n")
+        atomic.atomic_write_text(path, "new\n")
     monkeypatch.undo()
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["loss.csv"], "temp file left behind"
@@ -130,7 +130,7 @@ def test_save_pretrained_atomic_replaces_whole_or_not_at_all(tmp_path):
     model, _ = trained()
     tok = make_tokenizer()
     out = tmp_path / "model"
-    ckpt.save_pretrained_atomic(model, tok, out)
+    atomic.save_pretrained_atomic(model, tok, out)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out)("ab")["input_ids"] == tok("ab")["input_ids"]
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
@@ -142,8 +142,39 @@ def test_save_pretrained_atomic_replaces_whole_or_not_at_all(tmp_path):
 
     other, _ = trained(seed=5)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_pretrained_atomic(other, BrokenTokenizer(), out)
+        atomic.save_pretrained_atomic(other, BrokenTokenizer(), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"], "temp dir left behind"
     again = AutoModelForCausalLM.from_pretrained(out)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), f"{name}: the interrupted save changed the saved model"
+
+
+def test_manifest_detects_damage_and_loading_falls_back_to_the_newest_good_checkpoint(tmp_path):
+    model, opt = trained()
+    root = tmp_path / "ck"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(root, step, model, {"note": step}, keep=3)
+    for step in (1, 2, 3):
+        ckpt.verify_checkpoint(root / f"step-{step:08d}")
+    newest = root / "step-00000003"
+    raw = bytearray((newest / ckpt.MODEL_FILE).read_bytes())
+    raw[-1] ^= 1  # one flipped bit in the last weight: every parser would still accept it
+    (newest / ckpt.MODEL_FILE).write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors: sha256 differs from the manifest"):
+        ckpt.verify_checkpoint(newest)
+    state = ckpt.load_checkpoint(root, model)
+    assert state["note"] == 2 and state["path"] == str(root / "step-00000002")
+    assert state["skipped"] == [(str(newest), f"{newest / ckpt.MODEL_FILE}: sha256 differs from the manifest "
+                                              "(the file is corrupted)")]  # fmt: skip
+    with pytest.raises(ckpt.CheckpointError, match="sha256 differs") as err:
+        ckpt.load_checkpoint(newest, model)  # named explicitly: an error that names the good one
+    assert err.value.good == root / "step-00000002" and str(root / "step-00000002") in str(err.value)
+
+    (root / "step-00000002" / ckpt.STATE_FILE).write_bytes(b"")
+    (root / "step-00000001" / ckpt.MANIFEST_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint") as err:
+        ckpt.load_checkpoint(root, model)
+    assert "trainer.pt: 0 bytes, the manifest says" in str(err.value)
+    assert "step-00000001/manifest.json: missing" in str(err.value)
+    moved = ckpt.quarantine(newest)
+    assert moved.name == "corrupt-step-00000003" and ckpt.latest_checkpoint(root).name == "step-00000002"

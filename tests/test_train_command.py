@@ -14,6 +14,7 @@ import torch
 from helpers import assert_close
 from train_fixtures import (
     IGNORE,
+    backward_trainer,
     copy_behaviour,
     fallback_segment_loss,
     general_texts,
@@ -25,7 +26,8 @@ from train_fixtures import (
 )
 
 from apollo_fast import cli
-from apollo_fast.training import loop, steps
+from apollo_fast.frozen.trainer import pad_segments
+from apollo_fast.training import loop
 from apollo_fast.training.checkpoint import STATE_FILE, latest_checkpoint
 from apollo_fast.training.data import load_behaviour
 from apollo_fast.training.loop import TrainConfig, train
@@ -77,7 +79,7 @@ def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monk
     tok = make_tokenizer()
     row, ex = example_with_empty_prompt(tmp_path, tok)
     model = tiny_causal_lm(seed=3)
-    got = steps.behaviour_backward(model, ex, weight=0.5, segment_batch=segment_batch)
+    got = loop.item_backward(backward_trainer(model, segment_batch), ex, weight=0.5)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
@@ -98,17 +100,17 @@ def test_item_loss_and_gradient_match_a_direct_full_sequence_loss(tmp_path, monk
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_real_frozen_path_gives_the_full_sequence_loss_value(tmp_path, arch):
-    """encode_context + segment_loss through behaviour_backward: the loss value equals the full-sequence one;
-    padded batches of segments give the same loss and gradients as one segment at a time."""
+    """encode_context + segment_loss through item_backward (the trainer's backward): the loss value equals the
+    full-sequence one; padded batches of segments give the same loss and gradients as one segment at a time."""
     from apollo_fast.toy import tiny_causal_lm
 
     tok = make_tokenizer()
     _, ex = example_with_empty_prompt(tmp_path, tok)
     model = tiny_causal_lm(arch=arch, layers=4 if arch == "qwen3_5" else 2, seed=2)
-    one_by_one = steps.behaviour_backward(model, ex, weight=1.0, segment_batch=1)
+    one_by_one = loop.item_backward(backward_trainer(model, 1), ex, weight=1.0)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    got = steps.behaviour_backward(model, ex, weight=1.0, segment_batch=8)
+    got = loop.item_backward(backward_trainer(model, 8), ex, weight=1.0)
     assert_close("batched vs one-by-one loss", one_by_one, got, rtol=1e-5)
     for name, g in grads.items():
         assert_close(f"batched vs one-by-one grad {name}", g, dict(model.named_parameters())[name].grad, 1e-4, 1e-7)
@@ -258,10 +260,40 @@ def test_train_on_gpu_in_bf16(tmp_path, models, arch):
 
 def test_pad_segments_right_pads_with_ignored_labels(tmp_path):
     _, ex = example_with_empty_prompt(tmp_path, make_tokenizer())
-    ids, labels, mask = steps.pad_segments(ex.segments)
+    ids, labels, mask = pad_segments([(s.input_ids, s.labels) for s in ex.segments])
     lengths = [s.input_ids.numel() for s in ex.segments]
     assert ids.shape == labels.shape == mask.shape == (3, max(lengths))
     for row, (seg, n) in enumerate(zip(ex.segments, lengths, strict=True)):
         assert torch.equal(ids[row, :n], seg.input_ids) and torch.equal(labels[row, :n], seg.labels)
         assert (labels[row, n:] == IGNORE).all() and mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
-    assert steps.pad_segments(ex.segments[:1])[2] is None
+    assert pad_segments([(s.input_ids, s.labels) for s in ex.segments[:1]])[2] is None
+
+
+def test_general_item_is_plain_language_modelling_and_apply_reports_the_norm():
+    """A general chunk through the trainer (context None) is the model's own LM loss; apply() clips with it."""
+    from apollo_fast import FrozenContextTrainer
+    from apollo_fast.toy import tiny_causal_lm
+    from apollo_fast.training.data import GeneralItem
+
+    model = tiny_causal_lm(seed=4)
+    ids = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(4))
+    want = model(input_ids=ids[None], labels=ids[None], use_cache=False).loss
+    (want * 0.25).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()]))
+    model.zero_grad(set_to_none=True)
+
+    seen = {}
+
+    class Capture(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    trainer = FrozenContextTrainer(model, Capture(model.parameters(), lr=0.0), max_grad_norm=float(norm) / 2)
+    got = loop.item_backward(trainer, GeneralItem(line=1, input_ids=ids), 0.25)
+    assert_close("general item loss", want.detach(), got, rtol=0)
+    assert_close("grad norm", norm, trainer.apply(), rtol=1e-6)
+    assert trainer.last_grad_norm == pytest.approx(float(norm), rel=1e-6) and trainer.optimizer_steps == 1
+    for name, g in grads.items():  # clipped to half the norm
+        assert_close(f"clipped grad {name}", g / 2, seen[name], rtol=1e-5, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())

@@ -21,6 +21,7 @@ import torch
 IGNORE = -100
 CHARS = string.ascii_lowercase + string.digits + " .,:;!?->=_()"
 
+
 def one_thread():
     """Generator for a module-scoped autouse fixture: torch on one thread (tiny ops on 2 shared cores run
     ~10x faster without OpenMP contention), restored afterwards."""
@@ -86,12 +87,12 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def fallback_encode_context(model, input_ids, attention_mask=None):
+def fallback_encode_context(model, input_ids, attention_mask=None, **options):
     """Stand-in for apollo_fast.encode_context: the 'context' is its token ids (1, T)."""
     return input_ids.detach()
 
 
-def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask=None):
+def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask=None, **options):
     """Stand-in for apollo_fast.segment_loss: full-sequence loss on context + segment, context labels -100.
 
     Same value as the frozen loss (labels shifted inside the segment, so its first label is unused);
@@ -108,7 +109,15 @@ def fallback_segment_loss(model, context, input_ids, labels=None, attention_mask
 
 
 def use_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Always the fallback (for tests that compare against full-sequence loss values in any install)."""
-    from apollo_fast.training import steps
+    """The trainer runs the fallback instead of the frozen core (to compare with full-sequence gradients)."""
+    from apollo_fast.frozen import trainer
 
-    monkeypatch.setattr(steps, "load_frozen_api", lambda: (fallback_encode_context, fallback_segment_loss))
+    monkeypatch.setattr(trainer, "encode_context", fallback_encode_context)
+    monkeypatch.setattr(trainer, "segment_loss", fallback_segment_loss)
+
+
+def backward_trainer(model, segment_batch: int = 8):
+    """A FrozenContextTrainer for backward() calls only (its optimizer never steps in these tests)."""
+    from apollo_fast import FrozenContextTrainer
+
+    return FrozenContextTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=segment_batch)

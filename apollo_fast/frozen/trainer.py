@@ -1,4 +1,5 @@
-"""FrozenContextTrainer: the optimizer step around segment_loss (micro-batching, accumulation, clipping)."""
+"""FrozenContextTrainer: the one training step around segment_loss (micro-batching, weighted accumulation,
+clipping, the optimizer step). `apollo-fast train` drives it too."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import torch
 from torch import nn
 
 from .adapters import model_parts
-from .context import FrozenContext
+from .context import FrozenContext, encode_context
 from .segment import IGNORE_INDEX, prepare_segment, segment_loss
 
-__all__ = ["FrozenContextTrainer"]
+__all__ = ["FrozenContextTrainer", "pad_segments"]
 
 Segments = Sequence[Mapping[str, Any]] | Mapping[str, Any] | torch.Tensor
 
@@ -26,12 +27,22 @@ def _as_row(value: Any, name: str, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _pad_rows(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-    width = max(r.shape[0] for r in rows)
-    out = rows[0].new_full((len(rows), width), value)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out
+def pad_segments(
+    rows: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad (input_ids, labels) rows (1-D each): ids, labels (-100 on padding) and attention_mask [B, T].
+
+    The mask is None when every row has the same length (nothing is padded).
+    """
+    lengths = [ids.shape[0] for ids, _ in rows]
+    width = max(lengths)
+    first = rows[0][0]
+    ids = torch.zeros(len(rows), width, dtype=first.dtype, device=first.device)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64, device=first.device)
+    mask = torch.zeros(len(rows), width, dtype=torch.int64, device=first.device)
+    for i, ((row_ids, row_labels), n) in enumerate(zip(rows, lengths, strict=True)):
+        ids[i, :n], labels[i, :n], mask[i, :n] = row_ids, row_labels, 1
+    return ids, labels, (None if min(lengths) == width else mask)
 
 
 class FrozenContextTrainer:
@@ -43,7 +54,13 @@ class FrozenContextTrainer:
     of `micro_batch_size` segments (default: all at once); the gradient is that of the mean CE over all target
     tokens of the call, divided by grad_accum_steps. After grad_accum_steps calls the gradients are clipped to
     max_grad_norm (if set), the optimizer steps and the gradients are cleared. gradient_checkpointing recomputes
-    each segment layer in backward (safe: the context is read-only). Returns the call's mean loss.
+    each segment layer in backward (safe: the context is read-only). backend: where attention and the GDN layers
+    run in encode and the segment losses ('auto' | 'reference' | 'triton', apollo_fast.backend). Returns the
+    call's mean loss.
+
+    The parts, for callers that weigh items themselves (as `apollo-fast train` does): `encode(ids)`,
+    `backward(context, segments, weight)` (context None: plain language modelling of the segments,
+    full-sequence forward) and `apply()` (clip, step, clear; returns the gradient norm).
     """
 
     def __init__(
@@ -55,6 +72,7 @@ class FrozenContextTrainer:
         max_grad_norm: float | None = None,
         gradient_checkpointing: bool = False,
         micro_batch_size: int | None = None,
+        backend: str = "auto",
     ) -> None:
         model_parts(model)  # unsupported architectures fail here, before any data is seen
         if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
@@ -66,16 +84,23 @@ class FrozenContextTrainer:
         self.model, self.optimizer = model, optimizer
         self.grad_accum_steps, self.max_grad_norm = grad_accum_steps, max_grad_norm
         self.gradient_checkpointing, self.micro_batch_size = gradient_checkpointing, micro_batch_size
+        self.backend = backend
         self.optimizer_steps = 0  # optimizer steps taken
-        self.last_grad_norm: float | None = None  # total gradient norm before clipping, at the last optimizer step
+        self._grad_norm: torch.Tensor | None = None  # kept on the device: read only when asked for
         self._pending = 0  # step() calls whose gradients wait for the optimizer
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _micro_batches(self, segments: Segments) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """-> [(ids [b, t], labels [b, t] with -100 at padding)], each trimmed to its longest segment."""
-        device = self._device()
+    @property
+    def last_grad_norm(self) -> float | None:
+        """Total gradient norm before clipping, at the last optimizer step (None before the first)."""
+        return None if self._grad_norm is None else float(self._grad_norm)
+
+    def _rows(self, segments: Segments) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """-> [(ids [t], labels [t] with -100 where nothing is learnt)], each trimmed to its real tokens."""
+        device = self.device
         if isinstance(segments, torch.Tensor):
             segments = {"input_ids": segments}
         if isinstance(segments, Mapping):
@@ -107,31 +132,72 @@ class FrozenContextTrainer:
             )
         if not rows:
             raise ValueError("no segments given")
-        size = self.micro_batch_size or len(rows)
-        out = []
-        for s in range(0, len(rows), size):
-            chunk = rows[s : s + size]
-            out.append((_pad_rows([r[0] for r in chunk], 0), _pad_rows([r[1] for r in chunk], IGNORE_INDEX)))
-        return out
+        return rows
 
-    def step(self, context: FrozenContext, segments: Segments) -> float:
-        """Accumulate the gradient of the segments' mean loss after `context`; step the optimizer when due."""
-        batches = self._micro_batches(segments)
-        counts = [int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in batches]
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> FrozenContext:
+        """encode_context for this trainer's model (no grad; read-only per-layer state)."""
+        return encode_context(self.model, input_ids, attention_mask, backend=self.backend)
+
+    def _loss(self, context: FrozenContext | None, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if context is None:  # plain language modelling: the model's own full-sequence loss (same label shift)
+            return self.model(input_ids=ids, labels=labels, use_cache=False).loss
+        return segment_loss(
+            self.model, context, ids, labels, gradient_checkpointing=self.gradient_checkpointing, backend=self.backend
+        )
+
+    def backward(self, context: FrozenContext | None, segments: Segments, weight: float = 1.0) -> torch.Tensor:
+        """Accumulate the gradient of weight * (mean CE over all target tokens of `segments` after `context`).
+
+        Micro-batches of `micro_batch_size` segments, each backward scaled by its share of the target
+        tokens, so memory holds one micro-batch's graph at a time. context=None trains the segments as
+        plain language modelling (the model's full-sequence forward, without gradient checkpointing).
+        Returns that mean loss (0-dim fp32, detached, still on the device: no host sync).
+        """
+        rows = self._rows(segments)
+        counts = torch.stack([(labels[1:] != IGNORE_INDEX).sum() for _, labels in rows]).tolist()
         total = sum(counts)
         if total == 0:
             raise ValueError("segments have no target tokens (labels are shifted inside; -100 is ignored)")
-        loss_sum = torch.zeros((), device=self._device())
-        for (ids, labels), n in zip(batches, counts, strict=True):
+        size = self.micro_batch_size or len(rows)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for s in range(0, len(rows), size):
+            n = sum(counts[s : s + size])
             if n == 0:
                 continue
-            loss = segment_loss(self.model, context, ids, labels, gradient_checkpointing=self.gradient_checkpointing)
-            (loss * (n / (total * self.grad_accum_steps))).backward()
-            loss_sum += loss.detach() * n
+            ids, labels, _ = pad_segments(rows[s : s + size])
+            loss = self._loss(context, ids, labels)
+            (loss * (weight * (n / total))).backward()
+            loss_sum += loss.detach().float() * n
+        return loss_sum / total
+
+    def apply(self) -> torch.Tensor | None:
+        """Clip to max_grad_norm (if set), step the optimizer, clear the gradients.
+
+        Returns the total gradient norm before clipping (0-dim, on the device), None when no
+        parameter had a gradient (the optimizer still steps).
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = None
+        if grads and self.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                  self.max_grad_norm)  # fmt: skip
+        elif grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending = 0
+        self.optimizer_steps += 1
+        if norm is not None:
+            self._grad_norm = norm.detach()
+        return self._grad_norm if norm is not None else None
+
+    def step(self, context: FrozenContext, segments: Segments) -> float:
+        """Accumulate the gradient of the segments' mean loss after `context`; step the optimizer when due."""
+        loss = self.backward(context, segments, 1.0 / self.grad_accum_steps)
         self._pending += 1
         if self._pending >= self.grad_accum_steps:
-            self._apply()
-        return float(loss_sum) / total
+            self.apply()
+        return float(loss)
 
     def flush(self) -> bool:
         """Apply gradients accumulated by fewer than grad_accum_steps calls (e.g. at the end of data); True if it did.
@@ -140,16 +206,5 @@ class FrozenContextTrainer:
         """
         if self._pending == 0:
             return False
-        self._apply()
+        self.apply()
         return True
-
-    def _apply(self) -> None:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.max_grad_norm is not None and params:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        elif params:
-            self.last_grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._pending = 0
-        self.optimizer_steps += 1

@@ -9,7 +9,6 @@ Lines of strings, id lists, {"text": ...}, {"ids": [...]} or {"context": ...}.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..checks import check_output as shared_check_output
+from ..checks import finite_number
 
 __all__ = [
     "ProbeError",
@@ -56,13 +58,9 @@ class Pair:
 def check_finite(name: str, value: float, *, positive: bool = False, minimum: float | None = None) -> float:
     """A finite float (> 0 with positive=True, >= minimum if given); ProbeError naming the option otherwise."""
     try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ProbeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or (positive and v <= 0) or (minimum is not None and v < minimum):
-        need = "a finite number > 0" if positive else f"a finite number >= {minimum}" if minimum is not None else ""
-        raise ProbeError(f"{name} must be {need or 'finite'}, got {value!r}")
-    return v
+        return finite_number(name, value, above=0.0 if positive else None, minimum=minimum)
+    except ValueError as err:
+        raise ProbeError(str(err)) from None
 
 
 def check_supported(model: nn.Module) -> None:
@@ -347,19 +345,7 @@ def load_contexts(
 
 
 def check_output(path: str | os.PathLike | None, *, overwrite: bool, folder: bool) -> None:
-    """Refuse an existing output (unless overwrite) and an output location that cannot be written, before work."""
-    if path is None:
-        return
-    p = Path(path)
-    if p.exists():
-        if folder and not p.is_dir():
-            raise FileExistsError(f"--out {p} exists and is not a folder")
-        if not folder and p.is_dir():
-            raise FileExistsError(f"--json {p} is a folder")
-        if not overwrite and (not folder or any(p.iterdir())):
-            raise FileExistsError(f"{p} exists (pass --overwrite to replace it)")
-    parent = p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ProbeError(f"cannot write {p}: {parent} is not a writable folder")
+    """Refuse an existing output (unless overwrite) and an output location that cannot be written, before work:
+    the package's one output rule (apollo_fast.checks.check_output) for --out (a folder) or --json (a file)."""
+    if path is not None:
+        shared_check_output(path, overwrite=overwrite, folder=folder, option="--out" if folder else "--json")

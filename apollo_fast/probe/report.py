@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_dir, atomic_write_text
 from .inputs import check_output
 from .stats import Interval
 
@@ -98,8 +99,6 @@ class Report:
 
     def save(self, out: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write report.md, report.json and the plots into the folder `out` (created atomically)."""
-        from ..vectors.io import atomic_dir
-
         check_output(out, overwrite=overwrite, folder=True)
         with atomic_dir(out, overwrite=overwrite) as tmp:
             (tmp / "report.md").write_text(self.markdown)
@@ -110,12 +109,6 @@ class Report:
 
     def write_json(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the JSON alone to `path` (atomically; an existing file only with overwrite=True)."""
-        from ..training.checkpoint import atomic_write_text
-
         check_output(path, overwrite=overwrite, folder=False)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, self.to_json())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # the temporary file's 0600 would hide the report from teammates
-        return Path(path)
+        return atomic_write_text(path, self.to_json())

@@ -12,7 +12,8 @@ Public API:
 
 from .bake import BakeReport, SegmentForward, bake_steering, full_sequence_forward, kl_divergence
 from .extract import directions_from_differences, extract_steering_vector, hidden_at
-from .hooks import capture_hidden, decoder_layers, steer
+from .hooks import capture_hidden, steer
+from .layers import decoder_layers
 from .pairs import ContrastivePair
 from .vector import SteeringVector
 from .verify import VerifyReport, continuation_logprobs, verify_steering

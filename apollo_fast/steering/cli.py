@@ -3,39 +3,46 @@
 Pairs files are JSON Lines, one {"prompt": ..., "desired": ..., "undesired": ...} per line (prompt
 optional; each value a string, which needs a tokenizer, or a list of token ids). Prompt files are
 JSON Lines of strings, lists of token ids, or {"text": ...} / {"ids": [...]}.
+Outputs follow apollo_fast.checks (refused when they exist, unless --overwrite; checked before
+anything is loaded) and are written atomically; the verify report is strict JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_json, save_pretrained_atomic
+from ..checks import check_output, number_arg
+from ..jsonl import iter_jsonl
+
 __all__ = ["register", "read_jsonl", "load_model"]
 
 
-def read_jsonl(path: str | Path) -> list[Any]:
-    """Every non-empty line of a JSON Lines file, parsed."""
+def _records(path: str | Path, what: str) -> list[tuple[int, Any]]:
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    for n, value, problem in iter_jsonl(path, what):
+        if problem is not None:
+            raise ValueError(f"{path}:{n}: {problem}")
+        out.append((n, value))
     if not out:
         raise ValueError(f"{path} holds no records")
     return out
 
 
+def read_jsonl(path: str | Path, what: str = "file") -> list[Any]:
+    """Every non-blank line of a JSON Lines file, parsed; ValueError `FILE:LINE: what` at the first bad one."""
+    return [value for _, value in _records(path, what)]
+
+
 def _prompts(path: str) -> list[Any]:
     out = []
-    for i, r in enumerate(read_jsonl(path)):
+    for n, r in _records(path, "prompts file"):
         if isinstance(r, dict):
             if "text" not in r and "ids" not in r:
-                raise ValueError(f"{path} record {i}: expected a string, a list of ids, or a dict with 'text' or 'ids'")
+                raise ValueError(f"{path}:{n}: expected a string, a list of ids, or a dict with 'text' or 'ids'")
             r = r.get("text", r.get("ids"))
         out.append(r)
     return out
@@ -82,14 +89,19 @@ def _table(title: str, rows: list[tuple[str, str]], header: tuple[str, ...] = ("
 def _extract(args: argparse.Namespace) -> int:
     from .extract import extract_steering_vector
 
+    check_output(args.out, overwrite=args.overwrite, folder=False)
     t0 = time.perf_counter()
+    pairs = read_jsonl(args.pairs, "pairs file")
     model, tok = load_model(args.model, args.device)
-    pairs = read_jsonl(args.pairs)
     sv = extract_steering_vector(model, pairs, _layers(args.layers), args.method, args.position, tok, args.batch_size)
     sv.save(args.out)
     rows = [(str(i), f"{sv.directions[i].norm().item():.4g}") for i in sv.layers]
-    _table(f"steering vector: {args.method}, {len(pairs)} pairs, position {args.position} -> {args.out} "
-           f"({time.perf_counter() - t0:.1f} s)", rows, ("layer", "norm"))
+    _table(
+        f"steering vector: {args.method}, {len(pairs)} pairs, position {args.position} -> {args.out} "
+        f"({time.perf_counter() - t0:.1f} s)",
+        rows,
+        ("layer", "norm"),
+    )
     return 0
 
 
@@ -97,47 +109,66 @@ def _verify(args: argparse.Namespace) -> int:
     from .vector import SteeringVector
     from .verify import verify_steering
 
-    model, tok = load_model(args.model, args.device)
+    if args.json:
+        check_output(args.json, overwrite=args.overwrite, folder=False, option="--json")
+    pairs = read_jsonl(args.pairs, "pairs file")
     sv = SteeringVector.load(args.vector)
+    model, tok = load_model(args.model, args.device)
     sv.warn_if_other_model(model)
-    r = verify_steering(model, sv, read_jsonl(args.pairs), args.coef, _layers(args.layers), tok, args.batch_size)
+    r = verify_steering(model, sv, pairs, args.coef, _layers(args.layers), tok, args.batch_size)
     rows = [
         ("log p(desired) - log p(undesired)", f"{r.margin_off:.4f}", f"{r.margin_on:.4f}", f"{r.margin_change:+.4f}"),
-        ("pairs preferring desired", f"{r.prefer_desired_off:.1%}", f"{r.prefer_desired_on:.1%}",
-         f"{r.prefer_desired_on - r.prefer_desired_off:+.1%}"),
+        (
+            "pairs preferring desired",
+            f"{r.prefer_desired_off:.1%}",
+            f"{r.prefer_desired_on:.1%}",
+            f"{r.prefer_desired_on - r.prefer_desired_off:+.1%}",
+        ),
     ]
     for i, p in r.projection.items():
-        rows.append((f"projection on direction, layer {i}", f"{p['mean_off']:.4f}", f"{p['mean_on']:.4f}",
-                     f"{p['shift']:+.4f}"))
-    _table(f"steering verify: {r.n_pairs} held-out pairs, coefficient {r.coefficient:g}, layers {r.layers}", rows,
-           ("metric", "off", "on", "change"))
+        rows.append(
+            (f"projection on direction, layer {i}", f"{p['mean_off']:.4f}", f"{p['mean_on']:.4f}", f"{p['shift']:+.4f}")
+        )
+    _table(
+        f"steering verify: {r.n_pairs} held-out pairs, coefficient {r.coefficient:g}, layers {r.layers}",
+        rows,
+        ("metric", "off", "on", "change"),
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps(r.to_dict(), indent=2))
+        atomic_write_json(args.json, r.to_dict())
     return 0
 
 
 def _bake(args: argparse.Namespace) -> int:
-    from ..vectors.io import atomic_dir
     from .bake import bake_steering
     from .vector import SteeringVector
 
-    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
-        raise FileExistsError(f"output folder {args.out} exists and is not empty (pass --overwrite)")
+    check_output(args.out, overwrite=args.overwrite, folder=True)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, args.device)
+    prompts = _prompts(args.prompts)
+    eval_prompts = _prompts(args.eval_prompts) if args.eval_prompts else None
+    eval_pairs = read_jsonl(args.eval_pairs, "pairs file") if args.eval_pairs else None
     sv = SteeringVector.load(args.vector)
+    model, tok = load_model(args.model, args.device)
     sv.warn_if_other_model(model)
     r = bake_steering(
-        model, sv, _prompts(args.prompts), args.coef, _layers(args.layers), steps=args.steps, lr=args.lr,
-        batch_size=args.batch_size, rank=args.rank, tokenizer=tok, seed=args.seed, progress=not args.quiet,
-        eval_prompts=_prompts(args.eval_prompts) if args.eval_prompts else None,
-        eval_pairs=read_jsonl(args.eval_pairs) if args.eval_pairs else None,
+        model,
+        sv,
+        prompts,
+        args.coef,
+        _layers(args.layers),
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        tokenizer=tok,
+        seed=args.seed,
+        progress=not args.quiet,
+        eval_prompts=eval_prompts,
+        eval_pairs=eval_pairs,
         context=args.context,
     )
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
+    save_pretrained_atomic(model, tok, args.out)
     rows = [
         ("KL(steered || model) before", f"{r.kl_before:.5f}"),
         ("KL(steered || model) after", f"{r.kl_after:.5f}"),
@@ -146,8 +177,10 @@ def _bake(args: argparse.Namespace) -> int:
     ]
     if r.margin_retained is not None:
         rows += [
-            ("margin original / steered / baked",
-             f"{r.margin_original:.3f} / {r.margin_steered:.3f} / {r.margin_baked:.3f}"),
+            (
+                "margin original / steered / baked",
+                f"{r.margin_original:.3f} / {r.margin_steered:.3f} / {r.margin_baked:.3f}",
+            ),
             ("steering effect retained without hook", f"{r.margin_retained:.1%}"),
         ]
     rows.append(("seconds", f"{time.perf_counter() - t0:.1f}"))
@@ -172,14 +205,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"])
     e.add_argument("--position", type=int, default=-1, help="token position (default -1: the last real token)")
     e.add_argument("--out", required=True, help="output .safetensors file")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     e.set_defaults(func=_extract)
 
     v = ss.add_parser("verify", help="projection shift and log-prob margin on held-out pairs, off vs on")
     common(v)
     v.add_argument("--vector", required=True)
     v.add_argument("--pairs", required=True, help="held-out pairs (JSON Lines)")
-    v.add_argument("--coef", type=float, default=1.0)
+    v.add_argument("--coef", type=number_arg(), default=1.0)
     v.add_argument("--json", default=None, help="also write the report as JSON here")
+    v.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     v.set_defaults(func=_verify)
 
     b = ss.add_parser("bake", help="train the un-steered model (APOLLO) to match the steered one (KL)")
@@ -189,12 +224,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--eval-prompts", default=None, help="prompts for the KL report (default: the training prompts)")
     b.add_argument("--eval-pairs", default=None, help="held-out pairs: report how much of the effect remains")
     b.add_argument("--context", default=None, help="shared text before every prompt (steered in the teacher)")
-    b.add_argument("--coef", type=float, default=1.0)
+    b.add_argument("--coef", type=number_arg(), default=1.0)
     b.add_argument("--steps", type=int, default=100)
-    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--lr", type=number_arg(above=0), default=1e-3)
     b.add_argument("--rank", type=int, default=16, help="APOLLO rank")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True, help="output model folder")
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bake)

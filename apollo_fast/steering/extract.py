@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import capture_hidden, decoder_layers
+from .hooks import capture_hidden
+from .layers import decoder_layers
 from .pairs import encode_pairs, pad_batch
 from .vector import SteeringVector, model_summary
 
@@ -106,5 +107,12 @@ def extract_steering_vector(
         model.train(was_training)
     directions = {i: directions_from_differences(hd[i] - hu[i], method) for i in layers}
     summary = model_summary(model)
-    return SteeringVector(directions, summary["hidden_size"], summary["num_hidden_layers"], summary, method, position,
-                          {"n_pairs": len(enc)})
+    return SteeringVector(
+        directions,
+        summary["hidden_size"],
+        summary["num_hidden_layers"],
+        summary,
+        method,
+        position,
+        {"n_pairs": len(enc)},
+    )

@@ -9,47 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .vector import SteeringVector
+from ..checks import finite_number
+from .layers import decoder_layers
+from .vector import SteeringVector
 
-__all__ = ["decoder_layers", "hidden_size", "steer", "capture_hidden"]
-
-
-def _text_config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise TypeError(f"{type(model).__name__} has no .config: pass a transformers model")
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers (model.model.layers, transformer.h, ...)."""
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList) and len(obj):
-            return obj
-    n = getattr(_text_config(model), "num_hidden_layers", None)
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n:
-            return m
-    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def hidden_size(model: nn.Module) -> int:
-    """The width of the residual stream."""
-    h = getattr(_text_config(model), "hidden_size", None)
-    if h is None:
-        raise TypeError(f"{type(model).__name__}: config has no hidden_size")
-    return int(h)
+__all__ = ["steer", "capture_hidden"]
 
 
 def _add_to_output(output, delta: torch.Tensor):
@@ -77,6 +45,7 @@ def steer(
     layers: default every layer the vector has. The model's parameters are never touched; the
     hooks are removed on exit, so the model is exactly as before afterwards.
     """
+    coefficient = finite_number("steering coefficient", coefficient)
     vector.check_compatible(model)
     layers = vector.layers if layers is None else [int(i) for i in layers]
     missing = [i for i in layers if i not in vector.directions]

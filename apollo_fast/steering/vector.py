@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..vectors.io import write_safetensors
-from .hooks import decoder_layers, hidden_size
+from .layers import decoder_layers, hidden_size
 
 __all__ = ["SteeringVector", "FORMAT", "model_summary"]
 
@@ -64,16 +64,22 @@ class SteeringVector:
         check_weights=True, raises) when the weights' fingerprint differs from the extraction model's."""
         h, n = hidden_size(model), len(decoder_layers(model))
         if h != self.hidden_size:
-            raise ValueError(f"steering vector is for hidden size {self.hidden_size}, the model has {h} "
-                             f"(extracted from {self.model.get('name')!r})")
+            raise ValueError(
+                f"steering vector is for hidden size {self.hidden_size}, the model has {h} "
+                f"(extracted from {self.model.get('name')!r})"
+            )
         if n != self.num_layers:
-            raise ValueError(f"steering vector is for a model with {self.num_layers} layers, the model has {n} "
-                             f"(extracted from {self.model.get('name')!r})")
+            raise ValueError(
+                f"steering vector is for a model with {self.num_layers} layers, the model has {n} "
+                f"(extracted from {self.model.get('name')!r})"
+            )
         if check_weights:
             fp = model_summary(model)["fingerprint"]
             if self.model.get("fingerprint") and fp != self.model["fingerprint"]:
-                raise ValueError(f"steering vector was extracted from another model ({self.model.get('name')!r}, "
-                                 f"fingerprint {self.model['fingerprint']}); this model's is {fp}")
+                raise ValueError(
+                    f"steering vector was extracted from another model ({self.model.get('name')!r}, "
+                    f"fingerprint {self.model['fingerprint']}); this model's is {fp}"
+                )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a .safetensors file (tensor 'layer.{i}' per layer, metadata: identity, dims, method), atomically."""
@@ -86,31 +92,39 @@ class SteeringVector:
             "layers": json.dumps(self.layers),
             "hidden_size": str(self.hidden_size),
             "num_layers": str(self.num_layers),
-            "model": json.dumps(self.model, sort_keys=True),
+            "model": json.dumps(self.model, sort_keys=True, allow_nan=False),
             "method": self.method,
             "position": str(self.position),
-            "info": json.dumps(self.info, sort_keys=True),
+            "info": json.dumps(self.info, sort_keys=True, allow_nan=False),
         }
         specs = [(f"layer.{i}", (self.hidden_size,), torch.float32) for i in self.layers]
         return write_safetensors(path, specs, lambda name: self.directions[int(name.split(".")[1])], meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
-        from safetensors import safe_open
+        """Read a file written by `save`; ValueError naming the file when it is not one."""
+        from ..vectors.sources import SafetensorsSource
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an apollo_fast steering vector (format={meta.get('format')!r})")
-            layers = json.loads(meta["layers"])
-            directions = {i: f.get_tensor(f"layer.{i}") for i in layers}
-        return cls(directions, int(meta["hidden_size"]), int(meta["num_layers"]), json.loads(meta["model"]),
-                   meta.get("method", "?"), int(meta.get("position", -1)), json.loads(meta.get("info", "{}")))
+        src = SafetensorsSource(path)  # our reader: junk files get "not a safetensors file", not a parser error
+        meta = src.metadata
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an apollo_fast steering vector (format={meta.get('format')!r})")
+        try:
+            layers = [int(i) for i in json.loads(meta["layers"])]
+            directions = {i: src.get(f"layer.{i}") for i in layers}
+            args = (int(meta["hidden_size"]), int(meta["num_layers"]), json.loads(meta["model"]))
+            extra = (meta.get("method", "?"), int(meta.get("position", -1)), json.loads(meta.get("info", "{}")))
+        except (KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path}: damaged steering vector ({type(err).__name__}: {err})") from None
+        return cls(directions, *args, *extra)
 
     def warn_if_other_model(self, model: nn.Module) -> None:
         """check_compatible, then a warning (not an error) when the weights differ from the extraction model's."""
         self.check_compatible(model)
         fp = model_summary(model)["fingerprint"]
         if self.model.get("fingerprint") and fp != self.model["fingerprint"]:
-            warnings.warn(f"steering vector was extracted from {self.model.get('name')!r} "
-                          f"(fingerprint {self.model['fingerprint']}), this model's fingerprint is {fp}", stacklevel=2)
+            warnings.warn(
+                f"steering vector was extracted from {self.model.get('name')!r} "
+                f"(fingerprint {self.model['fingerprint']}), this model's fingerprint is {fp}",
+                stacklevel=2,
+            )

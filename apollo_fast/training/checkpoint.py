@@ -1,129 +1,104 @@
-"""Atomic files and training checkpoints: nothing half-written is ever visible under its final name.
+"""Training checkpoints: complete under their name, checksummed, and found again after any kill.
 
-A checkpoint is a directory `step-NNNNNNNN/` holding
+A checkpoint is a folder `step-NNNNNNNN/` holding
     model.safetensors   the model's weights (safetensors.torch.save_model: tied weights stored once)
     trainer.pt          torch.save of plain containers and tensors (loads with weights_only=True):
                         the optimizer's state_dict, the data-stream position, RNG states, the loss
                         history and the run's settings.
-It is written into a temporary directory in the same folder, fsynced, then renamed into place, so a
-directory named step-* is always complete; the newest one is the latest checkpoint. Writing a new
-checkpoint never touches the previous one until the new one is in place.
+    manifest.json       the size and sha256 of both files, written last.
+It is built under a temporary name and renamed into place (apollo_fast.atomic), so a folder named
+step-* was complete when written; the manifest catches what happens to it afterwards (a truncated
+copy, a bad disk, a hand edit): every file is checked against it before anything is loaded.
+Writing a new checkpoint never touches the previous one until the new one is in place; old
+checkpoints leave the step-* namespace before they are deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_dir, remove_stale, remove_tree
+
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "replace_dir",
-    "save_pretrained_atomic",
     "save_checkpoint",
     "load_checkpoint",
+    "verify_checkpoint",
     "latest_checkpoint",
-    "resolve_checkpoint",
+    "quarantine",
+    "CheckpointError",
     "CHECKPOINT_DIR",
     "MODEL_FILE",
     "STATE_FILE",
+    "MANIFEST_FILE",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json with checksums
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer.pt"
+MANIFEST_FILE = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_TMP_PREFIX = ".tmp-"
 
 
-def _fsync_path(path: Path) -> None:
-    """Flush a file's or directory's contents to disk (directories: where the OS allows it)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # e.g. directories on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and why. `good`: the newest
+    checkpoint beside it that verifies, when there is one."""
+
+    def __init__(self, reason: str, good: Path | None = None) -> None:
+        hint = f"; the newest checkpoint beside it that verifies is {good}" if good is not None else ""
+        super().__init__(reason + hint)
+        self.reason, self.good = reason, good
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and os.replace."""
+def _write_manifest(folder: Path) -> None:
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+             for name in (MODEL_FILE, STATE_FILE)}  # fmt: skip
+    text = json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2, allow_nan=False)
+    (folder / MANIFEST_FILE).write_text(text + "\n")  # inside the temporary folder: atomic with it
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """CheckpointError unless every file of checkpoint folder `path` has the size and sha256 its manifest lists."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}-", dir=path.parent)
+    manifest = path / MANIFEST_FILE
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
+        files = json.loads(manifest.read_bytes())["files"]
+        listed = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in (MODEL_FILE, STATE_FILE)}
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{manifest}: missing (the checkpoint is incomplete, or was written before checkpoints carried checksums)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest}: damaged ({type(err).__name__}: {err})") from None
+    for name, (size, digest) in listed.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        actual = file.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{file}: {actual} bytes, the manifest says {size} (truncated or overwritten)")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file}: sha256 differs from the manifest (the file is corrupted)")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory `tmp` to `final` (same folder); an existing `final` is swapped out, then removed.
-
-    os.replace cannot replace a non-empty directory, so an old `final` is first renamed aside: at
-    every moment either the old or the new directory is complete on disk.
-    """
-    if final.exists():
-        old = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_path(final.parent)
-
-
-def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
-    """model.save_pretrained (safetensors) + tokenizer.save_pretrained into a temp dir beside `out_dir`, then rename."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out_dir.name}-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if not any(tmp.glob("*.safetensors")):
-            raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
-        _fsync_tree(tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first."""
+def _step_dirs(root: Path) -> list[Path]:
+    """Folders named step-* under `root`, oldest first."""
     if not root.is_dir():
         return []
     found = []
@@ -131,29 +106,105 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
         m = _STEP_DIR.match(child.name)
         if m and child.is_dir():
             found.append((int(m.group(1)), child))
-    return sorted(found)
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint directory under `root`, or None."""
+    """The newest step-* folder under `root` (not verified), or None."""
     dirs = _step_dirs(Path(root))
-    return dirs[-1][1] if dirs else None
+    return dirs[-1] if dirs else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from: a checkpoint directory, a checkpoints folder, or a run's output folder."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
+def _is_checkpoint(path: Path) -> bool:
+    return any((path / name).exists() for name in (STATE_FILE, MANIFEST_FILE)) or bool(_STEP_DIR.match(path.name))
+
+
+def _candidates(path: Path) -> list[Path]:
+    """Checkpoint folders to try for `path` (a checkpoint, a checkpoints folder or a run folder), newest first."""
+    if _is_checkpoint(path):
+        return [path]
     for root in (path, path / CHECKPOINT_DIR):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            return latest
+        dirs = _step_dirs(root)
+        if dirs:
+            return dirs[::-1]
     raise FileNotFoundError(f"no checkpoint found at {path} (expected {STATE_FILE} or {CHECKPOINT_DIR}/step-*)")
 
 
+def _load_one(path: Path, model: nn.Module | None) -> dict[str, Any]:
+    from safetensors.torch import load_model
+
+    verify_checkpoint(path)
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means: this file cannot be used
+        raise CheckpointError(
+            f"{path / STATE_FILE}: not loadable with torch.load(weights_only=True) ({type(err).__name__})"
+        ) from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path / STATE_FILE}: unknown checkpoint format {version!r} (expected {FORMAT_VERSION})")
+    if model is not None:
+        device = next(model.parameters()).device
+        try:
+            load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+        except Exception as err:  # noqa: BLE001 - a damaged file or weights of another model
+            raise CheckpointError(f"{path / MODEL_FILE}: cannot be loaded into the model ({err})") from None
+    state["path"] = str(path)
+    return state
+
+
+def _first_good(candidates: list[Path], model: nn.Module | None) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """The state of the first checkpoint that verifies and loads, and (folder, why) for each one before it."""
+    skipped = []
+    for path in candidates:
+        try:
+            return _load_one(path, model), skipped
+        except CheckpointError as err:
+            skipped.append((str(path), str(err)))
+    return None, skipped
+
+
+def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict[str, Any]:
+    """Verify, then load a checkpoint's trainer state (weights_only) and, when `model` is given, its weights
+    in place (strict).
+
+    `path` is a checkpoint folder (it must be good: CheckpointError names the bad file and the newest
+    good checkpoint beside it) or a checkpoints / run folder: its newest checkpoint that verifies and
+    loads is taken; state["skipped"] lists (folder, why) for each newer one passed over. state["path"] is
+    the checkpoint loaded. FileNotFoundError when there is no checkpoint at all.
+    """
+    path = Path(path)
+    candidates = _candidates(path)
+    if candidates == [path]:
+        try:
+            state = _load_one(path, model)
+        except CheckpointError as err:
+            siblings = [p for p in _step_dirs(path.parent)[::-1] if p != path]
+            good = next((p for p in siblings if _verifies(p)), None)
+            raise CheckpointError(err.reason, good) from None
+        state["skipped"] = []
+        return state
+    state, skipped = _first_good(candidates, model)
+    if state is None:
+        raise CheckpointError(f"no usable checkpoint under {path}:\n" + "\n".join(why for _, why in skipped))
+    state["skipped"] = skipped
+    return state
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` under `root` atomically; then keep only the newest `keep` (>= 1)."""
+    """Write checkpoint `step` under `root` atomically; then keep only the newest `keep` (>= 1).
+
+    Also removes leftovers of earlier saves that were killed (.tmp-* under `root`): call it from one
+    process per `root` at a time (`apollo-fast train` holds a lock on its run folder).
+    """
     from safetensors.torch import save_model
 
     if keep < 1:
@@ -161,34 +212,23 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, state: dict[s
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}step-{step:08d}-", dir=root))
-    try:
+    with atomic_dir(final, overwrite=True) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         torch.save({"format_version": FORMAT_VERSION, "step": step, **state}, tmp / STATE_FILE)
-        _fsync_tree(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in _step_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(f"{_TMP_PREFIX}*"):  # from saves that were interrupted earlier
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
+        _write_manifest(tmp)
+    for old in _step_dirs(root)[:-keep]:
+        remove_tree(old)
+    remove_stale(root)
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict[str, Any]:
-    """Load the trainer state (weights_only) and, when `model` is given, its weights in place (strict)."""
-    from safetensors.torch import load_model
-
-    path = resolve_checkpoint(path)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        version = state.get("format_version") if isinstance(state, dict) else None
-        raise ValueError(f"{path / STATE_FILE}: unknown checkpoint format {version!r} (expected {FORMAT_VERSION})")
-    if model is not None:
-        device = next(model.parameters()).device
-        load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-    state["path"] = str(path)
-    return state
+def quarantine(path: str | Path) -> Path:
+    """Rename a damaged checkpoint folder out of the step-* namespace (to corrupt-step-*), keeping it for inspection."""
+    path = Path(path)
+    target = path.with_name(f"corrupt-{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"corrupt-{path.name}.{n}")
+    os.replace(path, target)
+    return target

@@ -17,13 +17,14 @@ Every problem is reported as `FILE:LINE: what is wrong` (up to MAX_REPORTED of t
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..jsonl import iter_jsonl
 
 __all__ = [
     "DataError",
@@ -130,25 +131,12 @@ class _Errors:
 
 def _read_objects(path: Path, errors: _Errors) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line that is a JSON object; the rest go to `errors`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as err:
-                errors.add(lineno, f"not valid UTF-8 ({err.reason} at byte {err.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                errors.add(lineno, f"invalid JSON: {err.msg} (column {err.colno})")
-                continue
-            if not isinstance(obj, dict):
-                errors.add(lineno, f"expected a JSON object, got {type(obj).__name__}")
-                continue
+    for lineno, obj, problem in iter_jsonl(path, "data file"):
+        if problem is not None:
+            errors.add(lineno, problem)
+        elif not isinstance(obj, dict):
+            errors.add(lineno, f"expected a JSON object, got {type(obj).__name__}")
+        else:
             yield lineno, obj
 
 

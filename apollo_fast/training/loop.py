@@ -5,14 +5,19 @@ Output folder layout:
     OUT/checkpoints/step-NNNNNNNN/   periodic checkpoints (see checkpoint.py); the newest is resumed
     OUT/loss.png, OUT/loss.csv       the loss history (rewritten at every checkpoint and at the end)
     OUT/run.json          the resolved settings of the run
+    OUT/.lock             held (flock) by the run using the folder; see run_lock.py
+
+What survives a kill at any moment: every file is written atomically (apollo_fast.atomic), so each
+name holds a complete file or folder; leftovers (.tmp-*) are removed by the next run on the folder,
+under its lock; a run folder without a complete checkpoint resumes as a fresh start.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
+import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,22 +25,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_json, remove_stale, remove_tree, save_pretrained_atomic
+from ..checks import check_input_file, check_output, finite_number
+from ..frozen.trainer import FrozenContextTrainer
 from ..optim import APOLLO, apollo_param_groups
-from . import steps as _steps
-from .checkpoint import (
-    CHECKPOINT_DIR,
-    atomic_write_text,
-    latest_checkpoint,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    save_pretrained_atomic,
-)
+from .checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, quarantine, save_checkpoint
 from .data import BehaviourExample, GeneralItem, Limits, fingerprint, load_behaviour, load_general, max_positions
 from .mixing import BEHAVIOUR, GENERAL, MIX_BY, MixedStream, parse_fraction
 from .plot import new_history, write_loss_csv, write_loss_plot
+from .run_lock import RunLock
 
-__all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "LR_SCHEDULES", "DTYPES"]
+__all__ = ["TrainConfig", "TrainResult", "train", "item_backward", "lr_at", "LR_SCHEDULES", "DTYPES"]
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,6 +138,9 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
+    finite_number("weight_decay", cfg.weight_decay, minimum=0.0)
+    if cfg.alpha is not None:
+        finite_number("alpha", cfg.alpha, above=0.0)
     positive_int("warmup_steps", cfg.warmup_steps, 0)
     positive_int("grad_accum", cfg.grad_accum)
     positive_int("checkpoint_every", cfg.checkpoint_every, 0)
@@ -153,14 +156,38 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def _earlier_run(cfg: TrainConfig, out: Path) -> list[Path]:
-    """What an earlier run left in `out`; FileExistsError unless resuming it or told to overwrite."""
-    earlier = [p for p in (out / MODEL_DIR, out / CHECKPOINT_DIR) if p.exists()]
+    """What an earlier run left in `out` (a model, complete-looking checkpoints); FileExistsError unless
+    resuming it or told to overwrite. Leftovers of a run killed before its first checkpoint do not count."""
+    earlier = [p for p in (out / MODEL_DIR,) if p.exists()]
+    if latest_checkpoint(out / CHECKPOINT_DIR) is not None:
+        earlier.append(out / CHECKPOINT_DIR)
     if cfg.resume is None and earlier and not cfg.overwrite:
         raise FileExistsError(
             f"{out} already holds a run ({', '.join(p.name for p in earlier)}): resume it with --resume, "
             "choose another --out, or pass --overwrite"
         )
     return earlier
+
+
+def _say(message: str) -> None:
+    print(f"apollo-fast train: {message}", file=sys.stderr, flush=True)
+
+
+def _resume_state(cfg: TrainConfig, out: Path, model: nn.Module) -> dict[str, Any] | None:
+    """The checkpoint to resume (loaded into `model`), None for a fresh start (--resume on a run folder that
+    has no checkpoint yet). The newest checkpoint under a folder that fails its checksums is skipped."""
+    latest = cfg.resume == "latest"
+    try:
+        return load_checkpoint(out if latest else cfg.resume, model)
+    except FileNotFoundError:
+        if not latest:
+            raise
+        _say(f"no checkpoint in {out / CHECKPOINT_DIR} yet: starting from the first step")
+        return None
+    except CheckpointError as err:
+        if err.good is None:
+            raise
+        raise ValueError(f"cannot resume: {err.reason}; the newest good checkpoint is --resume {err.good}") from None
 
 
 def _load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:
@@ -206,6 +233,17 @@ def _weights(items: list[BehaviourExample | GeneralItem], mix_by: str) -> list[f
     return [1.0 / len(items)] * len(items)
 
 
+def item_backward(trainer: FrozenContextTrainer, item: BehaviourExample | GeneralItem, weight: float) -> torch.Tensor:
+    """Backward of weight * the item's mean loss: a behaviour example's segments against its context
+    (encoded once, no grad), a general chunk as plain language modelling. Returns that mean loss (0-dim,
+    detached, on the device)."""
+    if isinstance(item, GeneralItem):
+        return trainer.backward(None, [{"input_ids": item.input_ids}], weight)
+    context = trainer.encode(item.context_ids.to(trainer.device).unsqueeze(0))
+    segments = [{"input_ids": s.input_ids, "labels": s.labels} for s in item.segments]
+    return trainer.backward(context, segments, weight)
+
+
 def _record(
     step: int,
     taken: list[tuple[str, int]],
@@ -240,11 +278,23 @@ def _trajectory(cfg: TrainConfig, total_steps: int, data_hash: str) -> dict[str,
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) training as configured; returns the trained model and where everything was written."""
-    from tqdm.auto import tqdm
-
     _check_config(cfg)
     out = Path(cfg.out)
-    earlier = _earlier_run(cfg, out)
+    check_output(out, overwrite=True, folder=True)  # a writable place for a folder, before anything is loaded
+    for option, path in (("--data", cfg.data), ("--general", cfg.general)):
+        if path is not None:
+            check_input_file(path, option)
+    with ExitStack() as held:
+        locked = out.is_dir()
+        if locked:  # lock first, so that what is found in it stays true
+            held.enter_context(RunLock(out))
+        _earlier_run(cfg, out)
+        return _train(cfg, out, held, locked)
+
+
+def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainResult:
+    from tqdm.auto import tqdm
+
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = _load_model(cfg, device)
 
@@ -273,10 +323,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     torch.manual_seed(cfg.seed)
     optimizer = _make_optimizer(cfg, model)
+    trainer = FrozenContextTrainer(
+        model,
+        optimizer,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        micro_batch_size=cfg.segment_batch,
+    )
+    # Model, data and settings are valid: only now is `out` created (and locked, if it is new).
+    if not locked:  # `out` did not exist
+        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(RunLock(out))
+        _earlier_run(cfg, out)  # another run may have made it meanwhile
+    for folder in (out, out / CHECKPOINT_DIR):
+        remove_stale(folder)  # leftovers of killed runs: safe to remove under the lock
+
     history, start, resumed_from = new_history(), 0, None
-    if cfg.resume is not None:
-        resumed_from = resolve_checkpoint(out if cfg.resume == "latest" else cfg.resume)
-        state = load_checkpoint(resumed_from, model)
+    state = _resume_state(cfg, out, model) if cfg.resume is not None else None
+    if state is not None:
+        resumed_from = Path(state["path"])
         changed = {k: (state["trajectory"].get(k), v) for k, v in trajectory.items() if state["trajectory"].get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
@@ -286,11 +351,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         _set_rng_state(state["rng"])
         history, start = {k: list(v) for k, v in state["history"].items()}, int(state["step"])
         optimizer.skipped_steps = int(state.get("skipped_steps", 0))
-    # Data and settings are valid: only now is anything in `out` written or removed.
-    if cfg.resume is None and earlier:
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # --overwrite; the model dir is replaced at the end
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / RUN_FILE, json.dumps({**asdict(cfg), "total_steps": total_steps}, indent=2) + "\n")
+        for folder, why in state["skipped"]:
+            if Path(folder).parent == out / CHECKPOINT_DIR:
+                why = f"{why}; moved to {quarantine(folder)}"
+            _say(f"skipped checkpoint {folder}: {why}")
+        if state["skipped"]:
+            _say(f"resuming from {resumed_from}")
+    if cfg.resume is None and cfg.overwrite:
+        remove_tree(out / CHECKPOINT_DIR)  # the model folder is replaced when the new one is saved
+    atomic_write_json(out / RUN_FILE, {**asdict(cfg), "total_steps": total_steps})
 
     def checkpoint(step: int) -> Path:
         state = {
@@ -307,7 +376,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         return path
 
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not cfg.progress)
     try:
         for step in range(start + 1, total_steps + 1):
@@ -318,17 +386,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             taken = stream.take(cfg.grad_accum)
             items = [pools[src][idx] for src, idx in taken]
             weights = _weights(items, cfg.mix_by)
-            losses = torch.stack(
-                [
-                    _steps.item_backward(model, it, w, cfg.gradient_checkpointing, cfg.segment_batch)
-                    for it, w in zip(items, weights, strict=True)
-                ]
-            )
-            grad_norm = torch.zeros((), device=losses.device)
-            if cfg.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses = torch.stack([item_backward(trainer, it, w) for it, w in zip(items, weights, strict=True)])
+            grad_norm = trainer.apply()
+            if grad_norm is None:  # no parameter got a gradient
+                grad_norm = torch.full((), math.nan, device=losses.device)
             *values, norm = torch.cat([losses, grad_norm.reshape(1).float()]).cpu().tolist()  # one host sync
             seconds = time.perf_counter() - t0
             record = _record(step, taken, items, weights, values, lr, seconds, norm)

@@ -6,13 +6,13 @@ import io
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["new_history", "write_loss_csv", "write_loss_plot", "HISTORY_KEYS"]
 
 # One entry per optimizer step. loss: the step's weighted loss; behaviour/general: mean loss of the
 # step's items from that source (NaN when it had none); tokens: tokens run through the model;
-# grad_norm: before clipping (0 when clipping is off).
+# grad_norm: the total gradient norm before clipping (NaN when no parameter got a gradient).
 HISTORY_KEYS = ("step", "loss", "behaviour", "general", "tokens", "lr", "seconds", "grad_norm")
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..checks import number_arg
 from .loop import DTYPES, LR_SCHEDULES, TrainConfig
 from .mixing import MIX_BY
 
@@ -105,19 +106,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (default: one epoch of --data)")
-    length.add_argument("--epochs", type=float, help="epochs over --data (general data is extra)")
+    length.add_argument("--epochs", type=number_arg(above=0), help="epochs over --data (general data is extra)")
 
     opt = p.add_argument_group("optimizer (APOLLO for matrices, AdamW for the rest)")
-    opt.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    opt.add_argument("--lr", type=number_arg(above=0), default=d.lr, help=f"peak learning rate (default {d.lr})")
     opt.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     opt.add_argument("--rank", type=int, default=d.rank, help=f"APOLLO projection rank (default {d.rank})")
     opt.add_argument("--mini", action="store_true", help="APOLLO-Mini (rank 1, tensor-wise scaling)")
-    opt.add_argument("--alpha", type=float, default=None, help="APOLLO update scale (default 1; Mini sqrt(128))")
+    opt.add_argument(
+        "--alpha", type=number_arg(above=0), default=None, help="APOLLO update scale (default 1; Mini sqrt(128))"
+    )
     opt.add_argument("--update-proj-gap", type=int, default=d.update_proj_gap, help="steps between projections")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--weight-decay", type=number_arg(minimum=0), default=d.weight_decay)
     opt.add_argument("--grad-accum", type=int, default=d.grad_accum, help="items per optimizer step")
-    opt.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip (0: off; default 1.0)")
+    opt.add_argument(
+        "--max-grad-norm", type=number_arg(minimum=0), default=d.max_grad_norm, help="clip (0: off; default 1.0)"
+    )
     opt.add_argument("--skip-nonfinite", action="store_true", help="skip steps with inf/NaN gradients (default: stop)")
     opt.add_argument("--seed", type=int, default=d.seed, help="seeds the data order, projections and dropout")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_dir, write_sharded
+from ..atomic import atomic_dir
+from .io import write_sharded
 from .sources import SafetensorsSource, model_identity
 from .task_vector import TaskVector, _apply_arguments, _listing
 
@@ -48,8 +49,11 @@ def apply_to_checkpoint(
         missing = sorted(k for k in v.shapes if k not in specs)
         if missing:
             problems.append(f"vector {i} has tensors the checkpoint lacks: {_listing(missing)}")
-        bad = sorted(f"{k}: vector {v.shapes[k]} vs checkpoint {specs[k][0]}" for k in v.shapes
-                     if k in specs and specs[k][0] != v.shapes[k])
+        bad = sorted(
+            f"{k}: vector {v.shapes[k]} vs checkpoint {specs[k][0]}"
+            for k in v.shapes
+            if k in specs and specs[k][0] != v.shapes[k]
+        )
         if bad:
             problems.append(f"vector {i} shape mismatch: {_listing(bad)}")
     if problems:
@@ -79,15 +83,25 @@ def apply_to_checkpoint(
         bar.update(1)
         return w
 
-    meta = {"format": "pt", "apollo_fast": json.dumps({"op": "apply", "coefficients": coefficients,
-                                                        "vectors": [v.method for v in vectors]})}
+    meta = {
+        "format": "pt",
+        "apollo_fast": json.dumps(
+            {"op": "apply", "coefficients": coefficients, "vectors": [v.method for v in vectors]}, allow_nan=False
+        ),
+    }
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             for f in base.iterdir():
                 if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != "model.safetensors.index.json":
                     shutil.copy2(f, tmp / f.name)
-            write_sharded(tmp, [(k, specs[k][0], specs[k][1]) for k in keys], produce, meta,
-                          max_shard_bytes=max_shard_bytes, on_tensor=on_tensor)
+            write_sharded(
+                tmp,
+                [(k, specs[k][0], specs[k][1]) for k in keys],
+                produce,
+                meta,
+                max_shard_bytes=max_shard_bytes,
+                on_tensor=on_tensor,
+            )
     finally:
         bar.close()
     return Path(out)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_output, number_arg
 from .apply import apply_to_checkpoint
 from .merge import SIGN_METHODS, TRIM_SCOPES, dare, ties_merge
 from .task_vector import VOCAB_POLICIES, TaskVector, add_vectors, extract_task_vector
@@ -53,7 +54,7 @@ def _finish(args: argparse.Namespace, title: str, out: Path, stats: _Stats, t0: 
         ("tensors", f"{stats.tensors:,}"),
         ("elements", f"{stats.elements:,}"),
         ("non-zero", f"{100.0 * stats.nonzero / max(1, stats.elements):.2f} %"),
-        ("L2 norm of the output", f"{stats.sq ** 0.5:.6g}"),
+        ("L2 norm of the output", f"{stats.sq**0.5:.6g}"),
         ("size on disk", f"{size / 2**20:,.1f} MiB"),
         ("seconds", f"{time.perf_counter() - t0:.2f}"),
         ("peak RSS", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB"),
@@ -68,9 +69,9 @@ def _save(args: argparse.Namespace, tv: TaskVector, title: str, t0: float, extra
     return _finish(args, title, out, stats, t0, extra)
 
 
-def _check_out(args: argparse.Namespace) -> None:
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists (pass --overwrite)")
+def _check_out(args: argparse.Namespace, folder: bool = False) -> None:
+    """The output rule of apollo_fast.checks, before any input is read."""
+    check_output(args.out, overwrite=args.overwrite, folder=folder)
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -99,8 +100,15 @@ def _ties(args: argparse.Namespace) -> int:
     vs = [TaskVector.load(p) for p in args.vectors]
     if args.dare is not None:
         vs = [dare(v, args.dare, seed=args.seed + i) for i, v in enumerate(vs)]
-    merged = ties_merge(vs, density=args.density, lam=args.lam, weights=args.weights, trim=args.trim,
-                        sign=args.sign, progress=not args.quiet)
+    merged = ties_merge(
+        vs,
+        density=args.density,
+        lam=args.lam,
+        weights=args.weights,
+        trim=args.trim,
+        sign=args.sign,
+        progress=not args.quiet,
+    )
     extra = [("density", f"{args.density}"), ("lambda", f"{args.lam}"), ("trim", args.trim), ("sign", args.sign)]
     if args.dare is not None:
         extra.append(("DARE p", f"{args.dare} (seed {args.seed})"))
@@ -115,17 +123,32 @@ def _dare(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    _check_out(args, folder=True)
     t0 = time.perf_counter()
     vs = [TaskVector.load(p) for p in args.vector]
     coefs = args.coef if args.coef else [1.0] * len(vs)
     if len(coefs) != len(vs):
         raise ValueError(f"{len(coefs)} --coef values for {len(vs)} --vector files")
     stats = _Stats()
-    out = apply_to_checkpoint(args.base, args.out, vs, coefs, overwrite=args.overwrite,
-                              max_shard_bytes=int(args.max_shard_gb * 2**30), check_base=args.check_base,
-                              progress=not args.quiet, on_tensor=stats)
-    return _finish(args, "task vectors: apply", out, stats, t0,
-                   [("base", str(args.base)), ("coefficients", ", ".join(f"{c:g}" for c in coefs))])
+    out = apply_to_checkpoint(
+        args.base,
+        args.out,
+        vs,
+        coefs,
+        overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_gb * 2**30),
+        check_base=args.check_base,
+        progress=not args.quiet,
+        on_tensor=stats,
+    )
+    return _finish(
+        args,
+        "task vectors: apply",
+        out,
+        stats,
+        t0,
+        [("base", str(args.base)), ("coefficients", ", ".join(f"{c:g}" for c in coefs))],
+    )
 
 
 def _common(p: argparse.ArgumentParser, out_help: str = "output .safetensors file") -> None:
@@ -147,14 +170,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = vs.add_parser("extract", help="tau = finetuned - base from two checkpoints (folders or .safetensors)")
     e.add_argument("--base", required=True)
     e.add_argument("--finetuned", required=True)
-    e.add_argument("--vocab-policy", default="error", choices=VOCAB_POLICIES,
-                   help="embeddings / lm_head of different vocab size: error (default) or base (shared rows)")
+    e.add_argument(
+        "--vocab-policy",
+        default="error",
+        choices=VOCAB_POLICIES,
+        help="embeddings / lm_head of different vocab size: error (default) or base (shared rows)",
+    )
     _vector_out(e)
     e.set_defaults(func=_extract)
 
     a = vs.add_parser("add", help="weighted sum of task vectors")
     a.add_argument("vectors", nargs="+")
-    a.add_argument("--weights", type=float, nargs="+", default=None)
+    a.add_argument("--weights", type=number_arg(), nargs="+", default=None)
     _vector_out(a)
     a.set_defaults(func=_add)
 
@@ -165,21 +192,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = vs.add_parser("ties", help="TIES-merge task vectors (optionally DARE first)")
     t.add_argument("vectors", nargs="+")
-    t.add_argument("--density", type=float, default=0.2, help="fraction of magnitudes kept (default 0.2)")
-    t.add_argument("--lam", type=float, default=1.0, help="lambda, scale of the merged vector (default 1)")
-    t.add_argument("--weights", type=float, nargs="+", default=None)
-    t.add_argument("--trim", default="model", choices=TRIM_SCOPES,
-                   help="top-k over the whole model (paper) or per tensor")
-    t.add_argument("--sign", default="sum", choices=SIGN_METHODS,
-                   help="sign election: total magnitude or majority count")
-    t.add_argument("--dare", type=float, default=None, metavar="P", help="DARE drop probability applied first")
+    t.add_argument(
+        "--density",
+        type=number_arg(minimum=0, maximum=1),
+        default=0.2,
+        help="fraction of magnitudes kept (default 0.2)",
+    )
+    t.add_argument("--lam", type=number_arg(), default=1.0, help="lambda, scale of the merged vector (default 1)")
+    t.add_argument("--weights", type=number_arg(minimum=0), nargs="+", default=None)
+    t.add_argument(
+        "--trim", default="model", choices=TRIM_SCOPES, help="top-k over the whole model (paper) or per tensor"
+    )
+    t.add_argument(
+        "--sign", default="sum", choices=SIGN_METHODS, help="sign election: total magnitude or majority count"
+    )
+    t.add_argument(
+        "--dare",
+        type=number_arg(minimum=0, below=1),
+        default=None,
+        metavar="P",
+        help="DARE drop probability applied first",
+    )
     t.add_argument("--seed", type=int, default=0, help="DARE seed (vector i uses seed + i)")
     _vector_out(t)
     t.set_defaults(func=_ties)
 
     d = vs.add_parser("dare", help="DARE: drop with probability p, rescale by 1/(1-p)")
     d.add_argument("vector")
-    d.add_argument("--p", type=float, required=True)
+    d.add_argument("--p", type=number_arg(minimum=0, below=1), required=True)
     d.add_argument("--seed", type=int, default=0)
     _vector_out(d)
     d.set_defaults(func=_dare)
@@ -187,8 +227,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ap = vs.add_parser("apply", help="write base + sum c_i tau_i as a new checkpoint folder")
     ap.add_argument("--base", required=True, help="base checkpoint folder")
     ap.add_argument("--vector", action="append", required=True, help="task vector file (repeatable)")
-    ap.add_argument("--coef", type=float, action="append", default=None, help="coefficient per --vector (default 1)")
-    ap.add_argument("--max-shard-gb", type=float, default=5.0)
+    ap.add_argument(
+        "--coef", type=number_arg(), action="append", default=None, help="coefficient per --vector (default 1)"
+    )
+    ap.add_argument("--max-shard-gb", type=number_arg(above=0), default=5.0)
     ap.add_argument("--check-base", default="warn", choices=["warn", "error", "ignore"])
     _common(ap, "output checkpoint folder")
     ap.set_defaults(func=_apply)

@@ -1,4 +1,4 @@
-"""Streaming, atomic safetensors writing: one tensor in memory at a time, files replaced atomically.
+"""Streaming safetensors writing: one tensor in memory at a time, each file written atomically (apollo_fast.atomic).
 
 safetensors layout: 8-byte little-endian header length N, N bytes of JSON header
 ({name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}), then the raw tensor bytes.
@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_file, atomic_write_text
 
 __all__ = [
     "DTYPE_CODES",
     "CODE_DTYPES",
     "write_safetensors",
     "write_sharded",
-    "atomic_dir",
     "parse_dtype",
 ]
 
@@ -39,8 +38,14 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-_NAMED = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_NAMED = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -54,13 +59,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in _NAMED:
         raise ValueError(f"unknown dtype {name!r}: use one of {sorted(_NAMED)}")
     return _NAMED[name]
-
-
-def _default_mode(path: str) -> None:
-    """mkstemp creates 0600 files; give the output the permissions an ordinary open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -112,8 +110,8 @@ def write_safetensors(
 ) -> Path:
     """Write tensors (name, shape, dtype) one at a time from `produce(name)` to `path`, atomically.
 
-    The file appears complete or not at all: it is written to a temporary file in the same folder
-    and moved into place with os.replace. `on_tensor(name, tensor)` sees each tensor as stored.
+    The file appears complete or not at all (apollo_fast.atomic.atomic_file: temporary file, fsync,
+    rename, fsync of the folder). `on_tensor(name, tensor)` sees each tensor as stored.
     """
     path = Path(path)
     specs = list(specs)
@@ -121,18 +119,8 @@ def write_safetensors(
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names in safetensors specs")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_stream(f, specs, produce, metadata, on_tensor)
-            f.flush()
-            os.fsync(f.fileno())
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        _write_stream(f, specs, produce, metadata, on_tensor)
     return path
 
 
@@ -160,7 +148,7 @@ def write_sharded(
 ) -> list[Path]:
     """Write a Hugging Face style checkpoint: model.safetensors, or model-0000k-of-0000n.safetensors + index json.
 
-    Writes into an existing folder (use `atomic_dir` to make the whole folder appear atomically).
+    Writes into an existing folder (use apollo_fast.atomic.atomic_dir to make the whole folder appear atomically).
     """
     folder = Path(folder)
     specs = list(specs)
@@ -176,58 +164,5 @@ def write_sharded(
             total += _nbytes(spec[1], spec[2])
     index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
     idx = folder / "model.safetensors.index.json"
-    _atomic_text(idx, json.dumps(index, indent=2))
+    atomic_write_text(idx, json.dumps(index, indent=2, allow_nan=False))
     return paths
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-class atomic_dir:
-    """Context manager: build a folder under a temporary name next to `target`, rename it into place on success.
-
-    `target` must not exist (or be an empty folder) unless overwrite=True, in which case the old
-    folder is replaced only after the new one is complete. On error the temporary folder is removed.
-    """
-
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False) -> None:
-        self.target = Path(target)
-        self.overwrite = overwrite
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        t = self.target
-        if t.exists() and not t.is_dir():
-            raise FileExistsError(f"{t} exists and is not a folder")
-        if t.is_dir() and any(t.iterdir()) and not self.overwrite:
-            raise FileExistsError(f"output folder {t} exists and is not empty (pass overwrite=True / --overwrite)")
-        t.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.", suffix=".tmp", dir=t.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder ordinary permissions
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        t = self.target
-        if t.is_dir():
-            old = t.with_name(f".{t.name}.old-{os.getpid()}")
-            os.replace(t, old)
-            os.replace(self.tmp, t)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, t)

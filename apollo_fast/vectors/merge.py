@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..checks import finite_number
 from .task_vector import TaskVector, _check_same_base, _check_same_keys
 
 __all__ = [
@@ -228,17 +229,15 @@ def ties_merge(
     vectors = list(vectors)
     if not vectors:
         raise ValueError("ties_merge needs at least one task vector")
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
+    density = finite_number("density", density, minimum=0.0, maximum=1.0)
+    lam = finite_number("lambda", lam)
     if trim not in TRIM_SCOPES:
         raise ValueError(f"trim must be one of {TRIM_SCOPES}, got {trim!r}")
     if sign not in SIGN_METHODS:
         raise ValueError(f"sign must be one of {SIGN_METHODS}, got {sign!r}")
-    w = [1.0] * len(vectors) if weights is None else [float(x) for x in weights]
+    w = [1.0] * len(vectors) if weights is None else [finite_number("TIES weight", x, minimum=0.0) for x in weights]
     if len(w) != len(vectors):
         raise ValueError(f"{len(w)} weights for {len(vectors)} vectors")
-    if any(x < 0 for x in w):
-        raise ValueError(f"TIES weights must be >= 0, got {w}")
     _check_same_keys(vectors, "ties")
     _check_same_base(vectors, "ties")
     keys = vectors[0].keys()
@@ -270,8 +269,15 @@ def ties_merge(
             flat_out[s : s + CHUNK] = _combine_fast(torch.stack(rows), w, sign, lam)
         return out
 
-    method = {"op": "ties", "density": density, "lambda": lam, "weights": w, "trim": trim, "sign": sign,
-              "inputs": [v.method for v in vectors]}
+    method = {
+        "op": "ties",
+        "density": density,
+        "lambda": lam,
+        "weights": w,
+        "trim": trim,
+        "sign": sign,
+        "inputs": [v.method for v in vectors],
+    }
     if model_sel is not None:
         method["thresholds"] = [s.threshold for s in model_sel]
     return TaskVector(dict(vectors[0].shapes), compute, vectors[0].base_model, method)

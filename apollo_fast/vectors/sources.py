@@ -90,20 +90,27 @@ class _SafetensorsFile:
             n = struct.unpack("<Q", raw)[0]
             if n > size - 8:
                 raise ValueError(f"{path}: not a safetensors file (header length {n} > file size)")
-            header = json.loads(f.read(n))
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            raw_header = f.read(n)
+        try:
+            header = json.loads(raw_header)
+            self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            entries = {}
+            for key, e in header.items():
+                start, end = (int(x) for x in e["data_offsets"])
+                entries[key] = (e["dtype"], tuple(int(x) for x in e["shape"]), start, end)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # junk bytes, or JSON of another shape
+            raise ValueError(f"{path}: not a safetensors file (unreadable header: {type(err).__name__})") from None
         self.base = 8 + n
         self.entries: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
-        for key, e in header.items():
-            if e["dtype"] not in CODE_DTYPES:
-                raise TypeError(f"{path}: tensor {key!r} has unsupported dtype {e['dtype']}")
-            dtype, shape = CODE_DTYPES[e["dtype"]], tuple(int(x) for x in e["shape"])
-            start, end = (int(x) for x in e["data_offsets"])
+        for key, (code, shape, start, end) in entries.items():
+            if code not in CODE_DTYPES:
+                raise TypeError(f"{path}: tensor {key!r} has unsupported dtype {code}")
+            dtype = CODE_DTYPES[code]
             numel = 1
             for x in shape:
                 numel *= x
             if end - start != numel * torch.empty((), dtype=dtype).element_size() or self.base + end > size:
-                raise ValueError(f"{path}: tensor {key!r} has inconsistent offsets {e['data_offsets']}")
+                raise ValueError(f"{path}: tensor {key!r} has inconsistent offsets {[start, end]}")
             self.entries[key] = (shape, dtype, start, end)
         self._fd = os.open(path, os.O_RDONLY)
 
@@ -135,6 +142,16 @@ class _SafetensorsFile:
             os.close(fd)
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return obj
+
+
 class SafetensorsSource:
     """A .safetensors file, or a folder of them (sharded with model.safetensors.index.json, or not)."""
 
@@ -146,10 +163,12 @@ class SafetensorsSource:
         if path.is_dir():
             cfg = path / "config.json"
             if cfg.exists():
-                self.config = json.loads(cfg.read_text())
+                self.config = _read_json(cfg)
             index = path / "model.safetensors.index.json"
             if index.exists():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"{index}: no weight_map")
                 files = sorted({path / f for f in weight_map.values()})
             else:
                 files = sorted(path.glob("*.safetensors"))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import finite_number
 from .io import parse_dtype, write_safetensors
 from .sources import SafetensorsSource, model_identity, open_source
 
@@ -96,12 +97,17 @@ class TaskVector:
         return total
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], base_model: dict[str, Any] | None = None,
-                     method: dict[str, Any] | None = None) -> TaskVector:
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        base_model: dict[str, Any] | None = None,
+        method: dict[str, Any] | None = None,
+    ) -> TaskVector:
         """An in-memory vector from name -> tensor (stored as fp32 copies)."""
         data = {k: v.detach().float().clone() for k, v in tensors.items()}
-        return cls({k: tuple(v.shape) for k, v in data.items()}, data.__getitem__, base_model,
-                   method or {"op": "tensors"})
+        return cls(
+            {k: tuple(v.shape) for k, v in data.items()}, data.__getitem__, base_model, method or {"op": "tensors"}
+        )
 
     def materialize(self, progress: bool = False) -> TaskVector:
         """Compute every tensor once and keep them in memory (fp32)."""
@@ -120,7 +126,7 @@ class TaskVector:
     def __mul__(self, c: float) -> TaskVector:
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             return NotImplemented
-        c = float(c)
+        c = finite_number("task vector scale", c)
         return self._derived(lambda k: self[k] * c, {"op": "scale", "coefficient": c, "input": self.method})
 
     __rmul__ = __mul__
@@ -144,8 +150,8 @@ class TaskVector:
             "format_version": "1",
             "apollo_fast_version": __version__,
             "dtype": str(dtype).replace("torch.", ""),
-            "base_model": json.dumps(self.base_model, sort_keys=True),
-            "method": json.dumps(self.method, sort_keys=True),
+            "base_model": json.dumps(self.base_model, sort_keys=True, allow_nan=False),
+            "method": json.dumps(self.method, sort_keys=True, allow_nan=False),
         }
 
     def save(
@@ -181,8 +187,13 @@ class TaskVector:
             raise ValueError(f"{path} is not an apollo_fast task vector (metadata format={meta.get('format')!r})")
         shapes = {k: src.spec(k)[0] for k in src.keys()}
         dt = parse_dtype(meta.get("dtype", "float32"))
-        return cls(shapes, lambda k: src.get(k).float(), json.loads(meta.get("base_model", "{}")),
-                   json.loads(meta.get("method", "{}")), dt)
+        return cls(
+            shapes,
+            lambda k: src.get(k).float(),
+            json.loads(meta.get("base_model", "{}")),
+            json.loads(meta.get("method", "{}")),
+            dt,
+        )
 
     # application ------------------------------------------------------------------------------
     def apply_to(self, model: nn.Module, coefficient: float = 1.0, check_base: str = "warn") -> nn.Module:
@@ -190,16 +201,20 @@ class TaskVector:
         return apply_task_vectors(model, [self], [coefficient], check_base=check_base)
 
     def __repr__(self) -> str:
-        return (f"TaskVector({len(self.shapes)} tensors, {self.numel():,} elements, "
-                f"op={self.method.get('op')!r}, base={self.base_model.get('name')!r})")
+        return (
+            f"TaskVector({len(self.shapes)} tensors, {self.numel():,} elements, "
+            f"op={self.method.get('op')!r}, base={self.base_model.get('name')!r})"
+        )
 
 
 def _check_same_base(vectors: Sequence[TaskVector], what: str) -> None:
     prints = {v.base_model.get("fingerprint") for v in vectors} - {None}
     if len(prints) > 1:
         names = [v.base_model.get("name") for v in vectors]
-        raise ValueError(f"{what}: the task vectors come from different base models {names} "
-                         f"(fingerprints {sorted(prints)}); combine vectors of one base model only")
+        raise ValueError(
+            f"{what}: the task vectors come from different base models {names} "
+            f"(fingerprints {sorted(prints)}); combine vectors of one base model only"
+        )
 
 
 def _check_same_keys(vectors: Sequence[TaskVector], what: str) -> None:
@@ -209,8 +224,11 @@ def _check_same_keys(vectors: Sequence[TaskVector], what: str) -> None:
             continue
         missing = sorted(set(first.shapes) - set(v.shapes))
         extra = sorted(set(v.shapes) - set(first.shapes))
-        shape = sorted(f"{k}: {first.shapes[k]} vs {v.shapes[k]}" for k in set(first.shapes) & set(v.shapes)
-                       if first.shapes[k] != v.shapes[k])
+        shape = sorted(
+            f"{k}: {first.shapes[k]} vs {v.shapes[k]}"
+            for k in set(first.shapes) & set(v.shapes)
+            if first.shapes[k] != v.shapes[k]
+        )
         parts = []
         if missing:
             parts.append(f"missing in vector {i}: {_listing(missing)}")
@@ -226,7 +244,7 @@ def add_vectors(vectors: Sequence[TaskVector], weights: Sequence[float] | None =
     vectors = list(vectors)
     if not vectors:
         raise ValueError("add_vectors needs at least one vector")
-    weights = [1.0] * len(vectors) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(vectors) if weights is None else [finite_number("weight", w) for w in weights]
     if len(weights) != len(vectors):
         raise ValueError(f"{len(weights)} weights for {len(vectors)} vectors")
     _check_same_keys(vectors, "add")
@@ -295,8 +313,10 @@ def extract_task_vector(
     if bad_shape:
         problems.append(f"shape mismatch: {_listing(bad_shape)}")
     if vocab_mismatch and vocab_policy == "error":
-        problems.append(f"vocabulary size mismatch: {_listing(vocab_mismatch)} "
-                        "(pass vocab_policy='base' to keep the shared rows; see the docs)")
+        problems.append(
+            f"vocabulary size mismatch: {_listing(vocab_mismatch)} "
+            "(pass vocab_policy='base' to keep the shared rows; see the docs)"
+        )
     if problems:
         raise ValueError("base and finetuned checkpoints do not match: " + "; ".join(problems))
 
@@ -334,7 +354,8 @@ def _apply_arguments(
 ) -> tuple[list[TaskVector], list[float]]:
     """Validated (vectors, coefficients) of an apply call; coefficients default to 1."""
     vectors = list(vectors)
-    coefficients = [1.0] * len(vectors) if coefficients is None else [float(c) for c in coefficients]
+    coefficients = [1.0] * len(vectors) if coefficients is None else coefficients
+    coefficients = [finite_number("coefficient", c) for c in coefficients]
     if len(coefficients) != len(vectors):
         raise ValueError(f"{len(coefficients)} coefficients for {len(vectors)} vectors")
     if check_base not in ("warn", "error", "ignore"):
@@ -365,8 +386,11 @@ def apply_task_vectors(
         missing = sorted(k for k in v.shapes if k not in sd)
         if missing:
             problems.append(f"vector {i} has tensors the model lacks: {_listing(missing)}")
-        bad = sorted(f"{k}: vector {v.shapes[k]} vs model {tuple(sd[k].shape)}" for k in v.shapes
-                     if k in sd and tuple(sd[k].shape) != v.shapes[k])
+        bad = sorted(
+            f"{k}: vector {v.shapes[k]} vs model {tuple(sd[k].shape)}"
+            for k in v.shapes
+            if k in sd and tuple(sd[k].shape) != v.shapes[k]
+        )
         if bad:
             problems.append(f"vector {i} shape mismatch: {_listing(bad)}")
     if problems:
@@ -376,8 +400,10 @@ def apply_task_vectors(
         for i, v in enumerate(vectors):
             fp = v.base_model.get("fingerprint")
             if fp and fp != ident["fingerprint"]:
-                msg = (f"task vector {i} was extracted from base {v.base_model.get('name')!r} (fingerprint {fp}); "
-                       f"the model's fingerprint is {ident['fingerprint']}")
+                msg = (
+                    f"task vector {i} was extracted from base {v.base_model.get('name')!r} (fingerprint {fp}); "
+                    f"the model's fingerprint is {ident['fingerprint']}"
+                )
                 if check_base == "error":
                     raise ValueError(msg)
                 warnings.warn(msg, stacklevel=2)
