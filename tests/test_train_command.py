@@ -168,6 +168,25 @@ def test_cli_qwen3_5_end_to_end(tmp_path, models, monkeypatch, capsys):
     assert type(AutoModelForCausalLM.from_pretrained(out / "model")).__name__ == "Qwen3_5ForCausalLM"
 
 
+@pytest.mark.parametrize("rounding", [None, "stochastic"])
+def test_bf16_run_uses_and_records_the_param_rounding(tmp_path, models, rounding):
+    """--dtype bfloat16 trains with the optimizer's default rounding (a residual per element, saved with the
+    checkpoint) unless --param-rounding says otherwise; run.json records the mode."""
+    data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(4, seed=2, segments=1))
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(models["llama"]), "--data", str(data), "--out", str(out), "--steps", "3",
+            "--lr", "1e-4", "--rank", "4", "--dtype", "bfloat16", "--no-progress"]  # fmt: skip
+    assert cli.main(argv + (["--param-rounding", rounding] if rounding else [])) == 0
+    expected = rounding or "compensated"
+    assert json.loads((out / "run.json").read_text())["param_rounding"] == expected
+    state = torch.load(latest_checkpoint(out / "checkpoints") / STATE_FILE, weights_only=True)["optimizer"]["state"]
+    residuals = [s["compensation"] for s in state.values() if "compensation" in s]
+    if expected == "compensated":
+        assert residuals and all(r.dtype == torch.int16 for r in residuals) and any(r.any() for r in residuals)
+    else:
+        assert not residuals
+
+
 def test_general_mixing_share_in_a_run(tmp_path, models, monkeypatch):
     data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(5, seed=2, segments=1))
     general = write_jsonl(tmp_path / "g.jsonl", general_texts(4))

@@ -29,6 +29,8 @@ from ..atomic import atomic_write_json, remove_stale, remove_tree, save_pretrain
 from ..checks import check_input_file, check_output, finite_number
 from ..frozen.trainer import FrozenContextTrainer
 from ..optim import APOLLO, apollo_param_groups
+from ..optim.apollo import DEFAULT_PARAM_ROUNDING
+from ..reference.rounding import PARAM_ROUNDINGS
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, quarantine, save_checkpoint
 from .data import BehaviourExample, GeneralItem, Limits, fingerprint, load_behaviour, load_general, max_positions
 from .mixing import BEHAVIOUR, GENERAL, MIX_BY, MixedStream, parse_fraction
@@ -44,7 +46,7 @@ MODEL_DIR, PLOT_FILE, CSV_FILE, RUN_FILE = "model", "loss.png", "loss.csv", "run
 # Settings that change the trajectory: a resumed run must use the same ones as the checkpoint.
 _TRAJECTORY_KEYS = (
     "general_fraction", "mix_by", "seed", "lr", "lr_schedule", "warmup_steps", "rank", "mini", "alpha",
-    "update_proj_gap", "weight_decay", "grad_accum", "max_grad_norm", "dtype", "skip_nonfinite",
+    "update_proj_gap", "weight_decay", "grad_accum", "max_grad_norm", "dtype", "param_rounding", "skip_nonfinite",
     "max_context_tokens", "max_segment_tokens", "general_chunk_tokens", "target_eos",
 )  # fmt: skip
 
@@ -82,6 +84,7 @@ class TrainConfig:
     overwrite: bool = False
     device: str | None = None
     dtype: str = "auto"
+    param_rounding: str = DEFAULT_PARAM_ROUNDING  # how updates are stored into bf16/fp16 weights (fp32: ignored)
     skip_nonfinite: bool = False
     segment_batch: int = 8  # segments of one example per forward (right-padded batch)
     gradient_checkpointing: bool = False  # of the segments' layers (frozen path); general chunks run without it
@@ -119,6 +122,8 @@ def _check_config(cfg: TrainConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
+    if cfg.param_rounding not in PARAM_ROUNDINGS:
+        raise ValueError(f"param_rounding must be one of {PARAM_ROUNDINGS}, got {cfg.param_rounding!r}")
     if cfg.steps is not None and cfg.epochs is not None:
         raise ValueError("give either steps or epochs, not both")
     if cfg.steps is not None:
@@ -203,7 +208,10 @@ def _load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> APOLLO:
     nonfinite = "skip" if cfg.skip_nonfinite else "raise"
-    common = dict(update_proj_gap=cfg.update_proj_gap, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    common = dict(
+        update_proj_gap=cfg.update_proj_gap, weight_decay=cfg.weight_decay, seed=cfg.seed,
+        param_rounding=cfg.param_rounding,
+    )  # fmt: skip
     groups = apollo_param_groups(model)
     if cfg.mini:
         alpha = {"alpha": cfg.alpha} if cfg.alpha is not None else {}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..checks import number_arg
+from ..reference.rounding import PARAM_ROUNDINGS
 from .loop import DTYPES, LR_SCHEDULES, TrainConfig
 from .mixing import MIX_BY
 
@@ -53,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         overwrite=args.overwrite,
         device=args.device,
         dtype=args.dtype,
+        param_rounding=args.param_rounding,
         skip_nonfinite=args.skip_nonfinite,
         segment_batch=args.segment_batch,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -137,6 +139,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     run.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype, help="load the model in this dtype")
+    run.add_argument(
+        "--param-rounding",
+        choices=PARAM_ROUNDINGS,
+        default=d.param_rounding,
+        help=f"how updates are stored into bf16/fp16 weights (default {d.param_rounding}; fp32 weights ignore it)",
+    )
     run.add_argument(
         "--segment-batch", type=int, default=d.segment_batch, help="segments per forward, right-padded (default 8)"
     )
