@@ -11,8 +11,8 @@ dropped, so at most one unit's gradients are alive at a time.
 When is a unit complete? When all of its parameters' hooks fired, or when the backward moves on to
 another unit, or when the backward ends (parameters without a gradient, e.g. unused ones, are left out
 exactly as step() leaves them out). A parameter whose gradient arrives after its unit was stepped
-(e.g. a weight shared with a later layer) is stepped alone. Each parameter is stepped once per
-optimizer step with its complete gradient, so the trajectory is that of optimizer.step().
+(e.g. a weight also used earlier in the forward, by another layer) is stepped alone. Each parameter is
+stepped once per optimizer step with its complete gradient, so the trajectory is that of optimizer.step().
 
 Per optimizer step the caller runs ONE backward, then `handle.finish_step()` (instead of clipping,
 optimizer.step() and zero_grad()), then steps its lr scheduler. What cannot work this way:
@@ -57,6 +57,7 @@ __all__ = [
     "InBackwardStats",
     "StepResult",
     "check_one_backward",
+    "model_units",
     "step_in_backward",
 ]
 
@@ -142,6 +143,41 @@ def _outermost_lists(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def model_units(
+    model: nn.Module, params: Sequence[torch.Tensor], units: str | Sequence[nn.Module] = "layer"
+) -> list[tuple[str | None, list[torch.Tensor]]]:
+    """The units step in backward steps `params` in: [(name, parameters)], layers first, in model order.
+
+    units: 'layer' (each element of an outermost nn.ModuleList, i.e. each decoder layer, then every other
+    parameter alone), 'param' (every parameter alone) or a list of modules (each one unit, then every other
+    parameter alone). Only parameters of `params` that require grad are placed; a parameter that is not in
+    the model gets the name None.
+    """
+    if units == "layer":
+        modules = _outermost_lists(model)
+    elif units == "param":
+        modules = []
+    elif isinstance(units, Sequence) and not isinstance(units, str) and all(isinstance(m, nn.Module) for m in units):
+        by_module = {m: n for n, m in model.named_modules()}
+        modules = [(by_module.get(m, type(m).__name__), m) for m in units]
+    else:
+        raise ValueError(f"units must be 'layer', 'param' or a list of modules, got {units!r}")
+    wanted = {p for p in params if p.requires_grad}
+    out: list[tuple[str | None, list[torch.Tensor]]] = []
+    taken: set[torch.Tensor] = set()
+    for name, module in modules:
+        ps = [p for p in module.parameters() if p in wanted and p not in taken]
+        taken.update(ps)
+        if ps:
+            out.append((name, ps))
+    names = {p: n for n, p in model.named_parameters()}
+    for p in [*names, *params]:  # the rest alone: in the model's order, then any only `params` has
+        if p in wanted and p not in taken:
+            taken.add(p)
+            out.append((names.get(p), [p]))
+    return out
+
+
 def _reentrant_checkpointing(model: nn.Module) -> str | None:
     """Name of a module that runs transformers' activation checkpointing with use_reentrant=True, if any."""
     for name, module in model.named_modules():
@@ -183,31 +219,11 @@ class InBackward:
         _ACTIVE.add(optimizer)
 
     def _make_units(self, model: nn.Module, units: str | Sequence[nn.Module]) -> list[_Unit]:
-        opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        in_opt = set(opt_params)
-        if units == "layer":
-            modules = _outermost_lists(model)
-        elif units == "param":
-            modules = []
-        elif (
-            isinstance(units, Sequence) and not isinstance(units, str) and all(isinstance(m, nn.Module) for m in units)
-        ):
-            by_module = {m: n for n, m in model.named_modules()}
-            modules = [(by_module.get(m, type(m).__name__), m) for m in units]
-        else:
-            raise ValueError(f"units must be 'layer', 'param' or a list of modules, got {units!r}")
-        out, taken = [], set()
-        for name, module in modules:
-            params = [p for p in module.parameters() if p in in_opt and p.requires_grad and p not in taken]
-            taken.update(params)
-            if params:
-                out.append(_Unit(name, params))
-        # Parameters outside the units: one unit each, in the model's order, then any only the optimizer knows.
-        for p in [*self._names, *opt_params]:
-            if p in in_opt and p.requires_grad and p not in taken:
-                taken.add(p)
-                out.append(_Unit(self._names.get(p, f"parameter #{self.optimizer._param_index[p]}"), [p]))
-        return out
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return [
+            _Unit(name if name is not None else f"parameter #{self.optimizer._param_index[ps[0]]}", ps)
+            for name, ps in model_units(model, params, units)
+        ]
 
     # -- per optimizer step ---------------------------------------------------------------------
 
@@ -263,12 +279,12 @@ class InBackward:
         self.stats.peak_grad_bytes = max(self.stats.peak_grad_bytes, self.stats.grad_bytes)
         unit = self._unit_of[p]
         self._with_grad.add(unit)
-        if self._open is not None and self._open is not unit:
-            self._flush(self._open)  # the backward moved on: that unit will get no more gradients
-        if unit in self._stepped:  # late: its unit was stepped without it
+        if unit in self._stepped:  # late: its unit was stepped without it (the open unit may go on)
             self.stats.late_params += 1
             self._step([p], unit, (unit.name, self._names.get(p)))
             return
+        if self._open is not None and self._open is not unit:
+            self._flush(self._open)  # the backward moved on: that unit will get no more gradients
         unit.arrived.append(p)
         self._open = unit
         if len(unit.arrived) == len(unit.params):
