@@ -31,6 +31,8 @@ optimizer.step() and zero_grad()), then steps its lr scheduler. What cannot work
   the backward keep their update. nonfinite='raise' raises NonFiniteGradientError from the backward,
   naming the parameter and the units already updated; 'skip' counts the step in
   optimizer.skipped_steps (and stats.partial_skips when units had been updated).
+- FSDP2-sharded (DTensor) parameters: refused (NotImplementedError) until APOLLO steps shards. FSDP2
+  itself calls these hooks per sharded parameter after each reduce-scatter.
 """
 
 from __future__ import annotations
@@ -176,6 +178,14 @@ def model_units(
             taken.add(p)
             out.append((names.get(p), [p]))
     return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _reentrant_checkpointing(model: nn.Module) -> str | None:
@@ -463,6 +473,12 @@ def step_in_backward(
         )
     opt_params = {p for g in optimizer.param_groups for p in g["params"]}
     names = {p: n for n, p in model.named_parameters()}
+    sharded = [names.get(p, "a parameter") for p in opt_params if _is_dtensor(p)]
+    if sharded:  # FSDP2 calls these hooks per sharded parameter; the step on shards is not written yet
+        raise NotImplementedError(
+            f"{sharded[0]} is a DTensor (FSDP2-sharded): APOLLO does not step sharded parameters yet, in backward "
+            "or not"
+        )
     outside = [n for p, n in names.items() if p.requires_grad and p not in opt_params]
     if outside:
         raise InBackwardError(
