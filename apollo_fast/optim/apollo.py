@@ -14,7 +14,7 @@ so it is never stored. The state dict holds only tensors and Python scalars.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -195,9 +195,12 @@ class APOLLO(Optimizer):
         self.skipped_steps = 0  # steps skipped for non-finite gradients (host-decided)
         self.skipped_steps_device: dict[torch.device, torch.Tensor] = {}  # capturable 'skip': device counters
         self._param_index: dict[torch.Tensor, int] = {}
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}  # parameter -> (group index, index in group)
         self._proj_cache: dict = {}  # regenerated Philox P~ of the reference backend
         self._shapes: dict[torch.Tensor, torch.Size] = {}  # shape each state was made for
-        self._launches: dict[int, FusedLaunches] = {}  # Triton launch tables per param group (by index)
+        # Triton launch tables per (param group index, part): part None for step(), the caller's key for
+        # step_params(), so that each part of a model stepped separately keeps its own tables
+        self._launches: dict[tuple[int, Hashable], FusedLaunches] = {}
         self._found_inf: dict[torch.device, torch.Tensor] = {}
         self._poison_scratch = False  # tests: NaN-fill the Triton backend's scratch before every launch
         super().__init__(params, defaults)
@@ -228,10 +231,11 @@ class APOLLO(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group_options(group)
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             if p not in self._param_index:
                 # 1-based over all parameters of all groups, as apollo-torch numbers its seeds.
                 self._param_index[p] = len(self._param_index) + 1
+            self._where.setdefault(p, (len(self.param_groups) - 1, i))
 
     # -- load/save ------------------------------------------------------------------------------
 
@@ -285,15 +289,30 @@ class APOLLO(Optimizer):
     def _uses_apollo(self, group: dict[str, Any], p: torch.Tensor) -> bool:
         return group["apollo"] and p.dim() == 2
 
-    def _collect(self) -> list[tuple[int, dict[str, Any], list[tuple[int, torch.Tensor]]]]:
+    def _collect(
+        self, params: Iterable[torch.Tensor] | None = None
+    ) -> list[tuple[int, dict[str, Any], list[tuple[int, torch.Tensor]]]]:
         """Per param group with work: (group index, group, [(index in group, param)]), every gradient checked.
 
+        params: only these parameters (step_params); None: every parameter of every group.
         Names are formatted only for errors: this runs every step, for every parameter."""
         triton = self._backend_impl == "triton"
+        if params is None:
+            chosen = [(gi, range(len(g["params"]))) for gi, g in enumerate(self.param_groups)]
+        else:
+            by_group: dict[int, list[int]] = {}
+            for p in params:
+                if p not in self._where:
+                    raise ValueError(f"step_params: a parameter of shape {tuple(p.shape)} is not in this optimizer")
+                gi, i = self._where[p]
+                by_group.setdefault(gi, []).append(i)
+            chosen = [(gi, sorted(set(by_group[gi]))) for gi in sorted(by_group)]
         work = []
-        for gi, group in enumerate(self.param_groups):
+        for gi, indices in chosen:
+            group = self.param_groups[gi]
             entries = []
-            for i, p in enumerate(group["params"]):
+            for i in indices:
+                p = group["params"][i]
                 grad = p.grad
                 if grad is None:
                     continue
@@ -442,35 +461,64 @@ class APOLLO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._collect()
-        if not work:
-            return loss
-        if self._backend_impl == "triton":
-            self._step_triton(work)
-        elif not self._grads_finite(work):
-            self.skipped_steps += 1
-        else:
-            for _, group, entries in work:
-                ap, aw = self._lists(group, entries, [])
-                hyper = Hyper.from_group(group, self.seed)
-                apollo_reference(ap, hyper, self._proj_cache)
-                adamw_reference(aw, hyper)
+        if work:
+            self.count_skipped_step(not self._step_work(work, None, new_step=True))
         return loss
 
-    def _step_triton(self, work: list) -> None:
+    @torch.no_grad()
+    def step_params(self, params: Sequence[torch.Tensor], *, new_step: bool, part: Hashable = None) -> bool:
+        """Step only `params` (those with a gradient), through the same path, checks and non-finite policy as step().
+
+        For stepping a model part by part within one optimizer step (apollo_fast.optim.in_backward). The
+        parameters' gradients are checked like step()'s and the part changes nothing when one is inf/NaN:
+        nonfinite='raise' raises NonFiniteGradientError, 'skip' returns False. new_step: True for the first
+        part of an optimizer step (with capturable=True a non-finite part raises the device flag, and every
+        later part of the same optimizer step then skips on the device). part: a key under which the Triton
+        backend keeps this part's launch tables between steps. The caller counts the optimizer step's skip
+        once, with count_skipped_step(), after its last part.
+        """
+        work = self._collect(params)
+        return self._step_work(work, part, new_step=new_step) if work else True
+
+    def count_skipped_step(self, skipped: bool) -> None:
+        """End of an optimizer step: count it in skipped_steps when it was skipped on the host, and with
+        capturable=True and nonfinite='skip' add the device flags to skipped_steps_device."""
+        self.skipped_steps += int(skipped)
+        if self.capturable and self.nonfinite == "skip":
+            for dev, found in self._found_inf.items():
+                if dev not in self.skipped_steps_device:
+                    self.skipped_steps_device[dev] = torch.zeros((), dtype=torch.int64, device=dev)
+                self.skipped_steps_device[dev].add_(found)
+
+    def _step_work(self, work: list, part: Hashable, *, new_step: bool) -> bool:
+        """Step the collected parameters; False when skipped for a non-finite gradient (nothing changed)."""
+        if self._backend_impl == "triton":
+            return self._step_triton(work, part, new_step)
+        if not self._grads_finite(work):
+            return False
+        for _, group, entries in work:
+            ap, aw = self._lists(group, entries, [])
+            hyper = Hyper.from_group(group, self.seed)
+            apollo_reference(ap, hyper, self._proj_cache)
+            adamw_reference(aw, hyper)
+        return True
+
+    def _step_triton(self, work: list, part: Hashable, new_step: bool) -> bool:
         """Pass A and the AdamW checks for every group, the non-finite decision, then the updates."""
         for dev in {p.device for _, _, entries in work for _, p in entries}:
             if dev not in self._found_inf:
                 self._found_inf[dev] = torch.zeros((), dtype=torch.int32, device=dev)
-        for found in self._found_inf.values():
-            found.zero_()
         cap = self.capturable
+        if new_step or not cap:  # capturable: the flag stays raised for the later parts of the step
+            for found in self._found_inf.values():
+                found.zero_()
         planned, undo = [], []
         for gi, group, entries in work:
             ap, aw = self._lists(group, entries, undo)
             hyper = Hyper.from_group(group, self.seed)
-            launches = self._launches.get(gi)
+            launches = self._launches.get((gi, part))
             if launches is None:
-                launches = self._launches[gi] = FusedLaunches(self._poison_scratch)
+                launches = self._launches[gi, part] = FusedLaunches(self._poison_scratch)
             fused_apollo_project(ap, hyper, self._found_inf, launches, capturable=cap)
             fused_adamw_check(aw, hyper, self._found_inf, launches, capturable=cap)
             planned.append((ap, aw, hyper, launches))
@@ -479,8 +527,7 @@ class APOLLO(Optimizer):
                 state.pop("proj", None)
                 state.update(entries)
             self._grads_finite(work)  # raises with the parameter names under nonfinite='raise'
-            self.skipped_steps += 1
-            return
+            return False
         skip = cap and self.nonfinite == "skip"
         for ap, aw, hyper, launches in planned:
             fused_apollo_update(ap, hyper, self._found_inf, launches, capturable=cap, skip_on_found=skip)
@@ -489,6 +536,4 @@ class APOLLO(Optimizer):
             all_steps = [st for ap, aw, _, _ in planned for st in ap.steps + aw.steps]
             for dev, found in self._found_inf.items():
                 torch._foreach_add_([st for st in all_steps if st.device == dev], found.float(), alpha=-1.0)
-                if dev not in self.skipped_steps_device:
-                    self.skipped_steps_device[dev] = torch.zeros((), dtype=torch.int64, device=dev)
-                self.skipped_steps_device[dev].add_(found)
+        return True

@@ -145,15 +145,17 @@ class FusedLaunches:
         self.adamw: list[_AdamwLaunch] = []
         self._sig: dict[str, tuple] = {}
         self._grad_ptrs: dict[str, list[int]] = {}
-        self._host_t: dict[int, tuple[torch.Tensor, int]] = {}  # id(step tensor) -> (it, steps taken)
+        # id(step tensor) -> (it, steps taken, its version): a step taken through other tables (another part of
+        # the model in step-in-backward mode, or step() after it) bumps the version, and the count is re-read
+        self._host_t: dict[int, tuple[torch.Tensor, int, int]] = {}
 
     def host_steps(self, steps: list[torch.Tensor]) -> list[int]:
         """Steps taken so far (non-capturable: CPU step tensors, read once and then mirrored here)."""
         out = []
         for st in steps:
             ent = self._host_t.get(id(st))
-            if ent is None or ent[0] is not st:
-                ent = self._host_t[id(st)] = (st, int(st.item()))  # a CPU tensor: no device sync
+            if ent is None or ent[0] is not st or ent[2] != st._version:
+                ent = self._host_t[id(st)] = (st, int(st.item()), st._version)  # a CPU tensor: no device sync
             out.append(ent[1])
         return out
 
@@ -161,8 +163,8 @@ class FusedLaunches:
         """The step was taken: steps += 1 in the tensors and the mirror."""
         torch._foreach_add_(steps, 1.0)
         for st in steps:
-            held, t = self._host_t[id(st)]
-            self._host_t[id(st)] = (held, t + 1)
+            held, t, _ = self._host_t[id(st)]
+            self._host_t[id(st)] = (held, t + 1, st._version)
 
     def _stale(self, kind: str, sig: tuple, grads: list[torch.Tensor]) -> bool:
         """True when `kind`'s classes must be rebuilt; patches new gradient addresses otherwise."""
