@@ -30,12 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. Bad input (ValueError) and file-system problems (OSError: a missing, existing,
-    unwritable or busy path) end with exit code 2 and one message; Ctrl-C with 130."""
+    """Run a command. Bad input (ValueError), file-system problems (OSError: a missing, existing,
+    unwritable or busy path) and non-finite gradients (FloatingPointError: APOLLO's NonFiniteGradientError)
+    end with exit code 2 and one message; Ctrl-C with 130."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, FloatingPointError) as err:
         print(f"apollo-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -235,6 +235,48 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, dropout_llama, m
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(a) == 7
 
 
+def test_step_in_backward_run_equals_the_normal_run_and_resumes(tmp_path, models, monkeypatch):
+    """--step-in-backward (layers updated inside the backward, gradients freed) ends on the normal run's weights
+    bit for bit (clipping off: global clipping cannot run in backward), also across a kill and --resume."""
+    data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(6, seed=4, segments=2))
+    common = ["--model", str(models["qwen3_5"]), "--data", str(data), "--steps", "6", "--lr", "5e-3", "--rank", "4",
+              "--max-grad-norm", "0", "--checkpoint-every", "2", "--no-progress"]  # fmt: skip
+    normal, inb, parts = tmp_path / "normal", tmp_path / "inb", tmp_path / "parts"
+    assert cli.main(["train", *common, "--out", str(normal)]) == 0
+    assert cli.main(["train", *common, "--step-in-backward", "--out", str(inb)]) == 0
+    from safetensors.torch import load_file
+
+    weights_equal(load_file(normal / "model" / "model.safetensors"), load_file(inb / "model" / "model.safetensors"))
+    real_save = loop.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    assert cli.main(["train", *common, "--step-in-backward", "--out", str(parts)]) == 130
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert cli.main(["train", *common, "--out", str(parts), "--resume"]) == 0  # and back to the normal step
+    weights_equal(load_file(normal / "model" / "model.safetensors"), load_file(parts / "model" / "model.safetensors"))
+
+
+def test_step_in_backward_refuses_what_it_cannot_do(tmp_path, models, capsys):
+    data = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(2, seed=4, segments=3))
+    base = ["train", "--model", str(models["llama"]), "--data", str(data), "--steps", "1", "--step-in-backward",
+            "--no-progress"]  # fmt: skip
+    cases = [
+        ([], "--clip-per"),  # the default --max-grad-norm 1.0 is global clipping
+        (["--max-grad-norm", "0", "--grad-accum", "2"], "grad_accum must be 1"),
+        (["--max-grad-norm", "0", "--segment-batch", "2"], "raise --segment-batch"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        assert cli.main([*base, *extra, "--out", str(tmp_path / f"o{i}")]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main([*base, "--clip-per", "layer", "--out", str(tmp_path / "ok")]) == 0
+
+
 def test_cli_errors_are_clear(tmp_path, models, monkeypatch, capsys):
     model = str(models["llama"])
     good = write_jsonl(tmp_path / "b.jsonl", copy_behaviour(2))

@@ -61,6 +61,12 @@ class FrozenContextTrainer:
     The parts, for callers that weigh items themselves (as `apollo-fast train` does): `encode(ids)`,
     `backward(context, segments, weight)` (context None: plain language modelling of the segments,
     full-sequence forward) and `apply()` (clip, step, clear; returns the gradient norm).
+
+    step_in_backward=True (an APOLLO optimizer): each decoder layer is updated inside the backward as soon as
+    its gradients are complete and they are freed (apollo_fast.step_in_backward), so the full set of gradients
+    never exists. One backward per optimizer step is then required (grad_accum_steps=1, and a call's segments
+    in one micro-batch); clipping is per layer or per parameter (clip='layer' | 'param' with max_grad_norm),
+    never global. close() removes the hooks.
     """
 
     def __init__(
@@ -73,6 +79,8 @@ class FrozenContextTrainer:
         gradient_checkpointing: bool = False,
         micro_batch_size: int | None = None,
         backend: str = "auto",
+        step_in_backward: bool = False,
+        clip: str | None = None,
     ) -> None:
         model_parts(model)  # unsupported architectures fail here, before any data is seen
         if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
@@ -85,6 +93,15 @@ class FrozenContextTrainer:
         self.grad_accum_steps, self.max_grad_norm = grad_accum_steps, max_grad_norm
         self.gradient_checkpointing, self.micro_batch_size = gradient_checkpointing, micro_batch_size
         self.backend = backend
+        self._in_backward = None
+        if step_in_backward:
+            from ..optim.in_backward import step_in_backward as register
+
+            self._in_backward = register(
+                model, optimizer, max_grad_norm=max_grad_norm, clip=clip, grad_accum_steps=grad_accum_steps
+            )
+        elif clip is not None:
+            raise ValueError("clip='layer' | 'param' belongs to step_in_backward=True; global clipping otherwise")
         self.optimizer_steps = 0  # optimizer steps taken
         self._grad_norm: torch.Tensor | None = None  # kept on the device: read only when asked for
         self._pending = 0  # step() calls whose gradients wait for the optimizer
@@ -159,6 +176,10 @@ class FrozenContextTrainer:
         if total == 0:
             raise ValueError("segments have no target tokens (labels are shifted inside; -100 is ignored)")
         size = self.micro_batch_size or len(rows)
+        if self._in_backward is not None:
+            from ..optim.in_backward import check_one_backward
+
+            check_one_backward(-(-len(rows) // size), f"{len(rows)} segments in micro-batches of {size}")
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         for s in range(0, len(rows), size):
             n = sum(counts[s : s + size])
@@ -176,6 +197,13 @@ class FrozenContextTrainer:
         Returns the total gradient norm before clipping (0-dim, on the device), None when no
         parameter had a gradient (the optimizer still steps).
         """
+        if self._in_backward is not None:  # the layers were updated during the backward
+            result = self._in_backward.finish_step()
+            self._pending = 0
+            self.optimizer_steps += 1
+            if result.grad_norm is not None:
+                self._grad_norm = result.grad_norm.detach()
+            return result.grad_norm
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = None
         if grads and self.max_grad_norm is not None:
@@ -198,6 +226,12 @@ class FrozenContextTrainer:
         if self._pending >= self.grad_accum_steps:
             self.apply()
         return float(loss)
+
+    def close(self) -> None:
+        """Remove the step-in-backward hooks (nothing to do otherwise)."""
+        if self._in_backward is not None:
+            self._in_backward.remove()
+            self._in_backward = None
 
     def flush(self) -> bool:
         """Apply gradients accumulated by fewer than grad_accum_steps calls (e.g. at the end of data); True if it did.

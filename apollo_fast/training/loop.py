@@ -40,13 +40,15 @@ from .run_lock import RunLock
 __all__ = ["TrainConfig", "TrainResult", "train", "item_backward", "lr_at", "LR_SCHEDULES", "DTYPES"]
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+CLIP_PER = ("model", "layer", "param")
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_DIR, PLOT_FILE, CSV_FILE, RUN_FILE = "model", "loss.png", "loss.csv", "run.json"
 
 # Settings that change the trajectory: a resumed run must use the same ones as the checkpoint.
 _TRAJECTORY_KEYS = (
     "general_fraction", "mix_by", "seed", "lr", "lr_schedule", "warmup_steps", "rank", "mini", "alpha",
-    "update_proj_gap", "weight_decay", "grad_accum", "max_grad_norm", "dtype", "param_rounding", "skip_nonfinite",
+    "update_proj_gap", "weight_decay", "grad_accum", "max_grad_norm", "clip_per", "dtype", "param_rounding",
+    "skip_nonfinite",
     "max_context_tokens", "max_segment_tokens", "general_chunk_tokens", "target_eos",
 )  # fmt: skip
 
@@ -85,6 +87,8 @@ class TrainConfig:
     device: str | None = None
     dtype: str = "auto"
     param_rounding: str = DEFAULT_PARAM_ROUNDING  # how updates are stored into bf16/fp16 weights (fp32: ignored)
+    step_in_backward: bool = False  # update each layer inside the backward and free its gradients
+    clip_per: str = "model"  # max_grad_norm applies to the whole model, or per 'layer' / 'param' (step in backward)
     skip_nonfinite: bool = False
     segment_batch: int = 8  # segments of one example per forward (right-padded batch)
     gradient_checkpointing: bool = False  # of the segments' layers (frozen path); general chunks run without it
@@ -158,6 +162,22 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
     if cfg.mini and cfg.rank != TrainConfig.rank:
         raise ValueError("mini (APOLLO-Mini) fixes rank 1: do not also give rank")
+    if cfg.clip_per not in CLIP_PER:
+        raise ValueError(f"clip_per must be one of {CLIP_PER}, got {cfg.clip_per!r}")
+    if cfg.step_in_backward:
+        if cfg.grad_accum != 1:
+            raise ValueError(
+                "step_in_backward updates each layer during the backward, so an optimizer step must be one backward: "
+                f"grad_accum must be 1, got {cfg.grad_accum}"
+            )
+        if cfg.max_grad_norm is not None and cfg.clip_per == "model":
+            raise ValueError(
+                "step_in_backward cannot clip the whole model's gradient (the first layers are updated before the "
+                "last gradients exist): use clip_per 'layer' or 'param' (--clip-per), or turn clipping off "
+                "(--max-grad-norm 0)"
+            )
+    elif cfg.clip_per != "model":
+        raise ValueError(f"clip_per {cfg.clip_per!r} is for step_in_backward; without it clipping is global")
 
 
 def _earlier_run(cfg: TrainConfig, out: Path) -> list[Path]:
@@ -315,6 +335,14 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
     )
     behaviour = load_behaviour(cfg.data, tokenizer, limits)
     general = load_general(cfg.general, tokenizer, limits) if cfg.general else []
+    if cfg.step_in_backward:  # one backward per optimizer step: an example's segments must fit one batch
+        many = [ex for ex in behaviour if len(ex.segments) > cfg.segment_batch]
+        if many:
+            lines = ", ".join(f"{cfg.data}:{ex.line} ({len(ex.segments)})" for ex in many[:5])
+            raise ValueError(
+                f"--step-in-backward runs one backward per step, but {len(many)} example(s) have more segments than "
+                f"--segment-batch {cfg.segment_batch}: {lines}; raise --segment-batch"
+            )
     pools: dict[str, list[BehaviourExample | GeneralItem]] = {BEHAVIOUR: list(behaviour), GENERAL: general}
     stream = MixedStream(
         [it.n_target for it in behaviour],
@@ -337,6 +365,8 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
         max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing,
         micro_batch_size=cfg.segment_batch,
+        step_in_backward=cfg.step_in_backward,
+        clip=None if cfg.clip_per == "model" else cfg.clip_per,
     )
     # Model, data and settings are valid: only now is `out` created (and locked, if it is new).
     if not locked:  # `out` did not exist
@@ -410,6 +440,7 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
                 checkpoint(step)
     finally:
         bar.close()
+        trainer.close()
 
     write_loss_csv(history, out / CSV_FILE)
     write_loss_plot(history, out / PLOT_FILE)

@@ -55,6 +55,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device,
         dtype=args.dtype,
         param_rounding=args.param_rounding,
+        step_in_backward=args.step_in_backward,
+        clip_per=args.clip_per,
         skip_nonfinite=args.skip_nonfinite,
         segment_batch=args.segment_batch,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -126,6 +128,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-grad-norm", type=number_arg(minimum=0), default=d.max_grad_norm, help="clip (0: off; default 1.0)"
     )
     opt.add_argument("--skip-nonfinite", action="store_true", help="skip steps with inf/NaN gradients (default: stop)")
+    opt.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="update each layer inside the backward and free its gradients (no full set of gradients in memory; "
+        "needs --grad-accum 1 and --clip-per layer|param or --max-grad-norm 0)",
+    )
+    opt.add_argument(
+        "--clip-per",
+        choices=("model", "layer", "param"),
+        default=d.clip_per,
+        help="what --max-grad-norm bounds: the whole model's gradient (default), or each layer's / each "
+        "parameter's (with --step-in-backward)",
+    )
     opt.add_argument("--seed", type=int, default=d.seed, help="seeds the data order, projections and dropout")
 
     tok = p.add_argument_group("lengths (tokens)")
