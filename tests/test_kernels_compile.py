@@ -51,7 +51,7 @@ def test_apollo_kernels_compile_for_sm90(tmp_path):
     configs = [dict(dtype=torch.float32, capturable=False, scale_type="channel", state_dtype=torch.float32),
                dict(dtype=torch.bfloat16, capturable=True, scale_type="tensor", state_dtype=torch.bfloat16),
                dict(dtype=torch.bfloat16, capturable=False, scale_type="channel", state_dtype=torch.float32,
-                    param_rounding="stochastic", weight_decay=0.1)]  # compensated is bf16's default, in the config above
+                    param_rounding="stochastic", weight_decay=0.1)]  # compensated (bf16 default): above
     with record([apollo_philox, apollo_project, apollo_update, apollo_adamw]) as jobs:
         for cfg in configs:
             dtype, state_dtype = cfg.pop("dtype"), cfg.pop("state_dtype")
