@@ -18,6 +18,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from ..backend import resolve_backend
@@ -32,6 +34,7 @@ from .fused import (
     fused_apollo_update,
     tl_dtype,
 )
+from .sharded import ShardSpec, moments_state, shard_spec
 
 __all__ = ["APOLLO", "NonFiniteGradientError"]
 
@@ -202,6 +205,7 @@ class APOLLO(Optimizer):
         # step_params(), so that each part of a model stepped separately keeps its own tables
         self._launches: dict[tuple[int, Hashable], FusedLaunches] = {}
         self._found_inf: dict[torch.device, torch.Tensor] = {}
+        self._specs: dict[torch.Tensor, ShardSpec | None] = {}  # sharded (DTensor) parameters: their shard
         self._poison_scratch = False  # tests: NaN-fill the Triton backend's scratch before every launch
         super().__init__(params, defaults)
         self._backend_impl = self._resolve_backend(backend)
@@ -267,7 +271,10 @@ class APOLLO(Optimizer):
         if self.state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
         devices = {p.device for g in self.param_groups for p in g["params"]}
-        chosen = resolve_backend(backend, devices, op="APOLLO")
+        sharded = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
+        chosen = resolve_backend(
+            backend, devices, op="APOLLO", unsupported="sharded (DTensor) parameters yet" if sharded else None
+        )
         if chosen == "reference":
             if self.capturable or self.state_dtype != torch.float32:
                 raise ValueError("capturable=True and state_dtype=torch.bfloat16 need backend='triton'")
@@ -366,8 +373,8 @@ class APOLLO(Optimizer):
             shape = self._state_shape(group, p)
             self._shapes[p] = p.shape
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = self._moments(group, p, shape)
+            state["exp_avg_sq"] = self._moments(group, p, shape)
             if self._uses_apollo(group, p):
                 state["limiter_norm"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 if self.projection == "official":
@@ -383,6 +390,22 @@ class APOLLO(Optimizer):
         if p.dtype in LOW_PRECISION and group["param_rounding"] == "compensated" and "compensation" not in state:
             state["compensation"] = torch.zeros_like(p, dtype=torch.int16, memory_format=torch.contiguous_format)
         return state
+
+    def _moments(self, group: dict[str, Any], p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Zero moments: fp32 tensors of `shape`; for a sharded parameter DTensors sharded as the step uses them
+        (AdamW: like the parameter; APOLLO: over the C channels), so checkpoints can reshard them."""
+        spec = self._spec(group, p)
+        if spec is None:
+            return torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if not self._uses_apollo(group, p):
+            return torch.zeros_like(p, dtype=torch.float32)
+        return moments_state(spec, shape, p.device)
+
+    def _spec(self, group: dict[str, Any], p: torch.Tensor) -> ShardSpec | None:
+        """Where this rank's shard of `p` lies (None for a plain tensor); checked once per parameter."""
+        if p not in self._specs:
+            self._specs[p] = shard_spec(p, self._name(group, self._where[p][1], p))
+        return self._specs[p]
 
     def _compensation(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any]) -> torch.Tensor | None:
         """The rounding residual this step carries (None unless a 16-bit parameter in 'compensated' mode)."""
@@ -410,12 +433,17 @@ class APOLLO(Optimizer):
         contiguous = self._backend_impl == "triton"
         for _, p in entries:
             state = self._init_state(group, p)
+            spec = self._spec(group, p)
             grad = p.grad.contiguous() if contiguous else p.grad
             comp = self._compensation(group, p, state)
+            param, exp_avg, exp_avg_sq = p, state["exp_avg"], state["exp_avg_sq"]
+            if spec is not None:  # the functional steps work on this rank's shards
+                param, grad, exp_avg, exp_avg_sq = (x.to_local() for x in (p, grad, exp_avg, exp_avg_sq))
+                comp = None if comp is None else comp.to_local()
             if not self._uses_apollo(group, p):
                 for lst, v in zip(
-                    (aw.params, aw.grads, aw.exp_avgs, aw.exp_avg_sqs, aw.steps, aw.keys, aw.compensations),
-                    (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], self._param_index[p] - 1, comp),
+                    (aw.params, aw.grads, aw.exp_avgs, aw.exp_avg_sqs, aw.steps, aw.keys, aw.compensations, aw.shards),
+                    (param, grad, exp_avg, exp_avg_sq, state["step"], self._param_index[p] - 1, comp, spec),
                     strict=True,
                 ):
                     lst.append(v)
@@ -426,9 +454,9 @@ class APOLLO(Optimizer):
                 proj = self._official_projection(group, p, state)
             for lst, v in zip(
                 (ap.params, ap.grads, ap.exp_avgs, ap.exp_avg_sqs, ap.limiter_norms, ap.steps, ap.keys, ap.projections,
-                 ap.compensations),
-                (p, grad, state["exp_avg"], state["exp_avg_sq"], state["limiter_norm"], state["step"],
-                 self._param_index[p] - 1, proj, comp),
+                 ap.compensations, ap.shards),
+                (param, grad, exp_avg, exp_avg_sq, state["limiter_norm"], state["step"], self._param_index[p] - 1,
+                 proj, comp, spec),
                 strict=True,
             ):  # fmt: skip
                 lst.append(v)
@@ -442,7 +470,10 @@ class APOLLO(Optimizer):
             by_device.setdefault(p.grad.device, []).append(k)
         flags = torch.empty(len(items), dtype=torch.bool)
         for idx in by_device.values():  # one device-to-host copy per device
-            flags[idx] = torch.stack([torch.isfinite(items[k][2].grad).all() for k in idx]).cpu()
+            flags[idx] = torch.stack([torch.isfinite(_local(items[k][2].grad)).all() for k in idx]).cpu()
+        sharded = [(k, self._spec(g, p)) for k, (g, _, p) in enumerate(items) if self._spec(g, p) is not None]
+        if sharded:  # every rank must take the same decision: a shard's flag is its parameter's on every rank
+            flags = self._agree(flags, sharded)
         if bool(flags.all()):
             return True
         if self.nonfinite == "raise":
@@ -452,6 +483,20 @@ class APOLLO(Optimizer):
                 "Pass nonfinite='skip' to skip such steps instead."
             )
         return False
+
+    @staticmethod
+    def _agree(flags: torch.Tensor, sharded: list[tuple[int, ShardSpec]]) -> torch.Tensor:
+        """Finite-flags of sharded parameters AND-ed over their ranks (one all-reduce per process group)."""
+        flags = flags.clone()
+        by_group: dict[Any, list[int]] = {}
+        for k, spec in sharded:
+            by_group.setdefault(spec.group, []).append(k)
+        for group, idx in by_group.items():
+            device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            bad = (~flags[idx]).to(device=device, dtype=torch.int32)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+            flags[idx] = bad.cpu() == 0
+        return flags
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -537,3 +582,8 @@ class APOLLO(Optimizer):
             for dev, found in self._found_inf.items():
                 torch._foreach_add_([st for st in all_steps if st.device == dev], found.float(), alpha=-1.0)
         return True
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -13,13 +13,16 @@ Every function takes the same lists (`ApolloLists`, `AdamwLists`) and `Hyper`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..reference.apollo import adamw_update, apollo_update
 from ..reference.philox import philox_projection
+
+if TYPE_CHECKING:
+    from .sharded import ShardSpec
 
 __all__ = ["AdamwLists", "ApolloLists", "Hyper", "adamw_reference", "apollo_reference", "refresh_index"]
 
@@ -37,6 +40,7 @@ class ApolloLists:
     keys: list[int]  # Philox key word 0 (projection and rounding bits): the parameter's index
     projections: list[torch.Tensor | None]  # stored P~ (r x d, projection='official'); None: Philox P~
     compensations: list[torch.Tensor | None]  # int16 rounding residual (param_rounding='compensated', 16-bit W)
+    shards: list[ShardSpec | None] = field(default_factory=list)  # sharded parameters: where the local shard lies
 
 
 @dataclass
@@ -50,6 +54,7 @@ class AdamwLists:
     steps: list[torch.Tensor]
     keys: list[int]  # Philox key word 0 of the rounding bits: the parameter's index
     compensations: list[torch.Tensor | None]  # int16 rounding residual (param_rounding='compensated', 16-bit)
+    shards: list[ShardSpec | None] = field(default_factory=list)  # sharded parameters: where the local shard lies
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,17 @@ def _philox(cache: dict, key: int, rank: int, dim: int, h: Hyper, step: int, dev
 @torch.no_grad()
 def apollo_reference(t: ApolloLists, h: Hyper, projection_cache: dict) -> None:
     """One APOLLO step for every matrix of `t` (steps counted here). projection_cache holds regenerated
-    Philox P~ between steps (any dict the caller keeps)."""
+    Philox P~ between steps (any dict the caller keeps). Sharded matrices (t.shards) go through
+    optim/sharded.py's step, which adds the collectives their math needs."""
+    sharded = [i for i, spec in enumerate(t.shards) if spec is not None]
+    if sharded:
+        from .sharded import apollo_reference_sharded
+
+        apollo_reference_sharded(_subset(t, sharded), h, projection_cache)
     lr = float(h.lr)
     for i, p in enumerate(t.params):
+        if t.shards and t.shards[i] is not None:
+            continue
         t.steps[i] += 1
         step = int(t.steps[i].item())  # a CPU tensor: no device sync
         proj = t.projections[i]
@@ -148,6 +161,7 @@ def adamw_reference(t: AdamwLists, h: Hyper) -> None:
     lr = float(h.lr)
     for i, p in enumerate(t.params):
         t.steps[i] += 1
+        spec = t.shards[i] if t.shards else None
         adamw_update(
             p,
             t.grads[i],
@@ -164,5 +178,11 @@ def adamw_reference(t: AdamwLists, h: Hyper) -> None:
             compensation=t.compensations[i],
             param_index=t.keys[i],
             seed=h.seed,
+            block=None if spec is None else spec.block(),
         )
 
+
+
+def _subset(t: ApolloLists, keep: list[int]) -> ApolloLists:
+    """The lists of `t` restricted to the positions `keep`."""
+    return ApolloLists(*([getattr(t, f)[i] for i in keep] for f in ApolloLists.__dataclass_fields__))

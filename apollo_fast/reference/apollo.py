@@ -14,9 +14,16 @@ import torch
 from .projection import channel_major
 from .rounding import compensated_value, store_rounded
 
-__all__ = ["apollo_step_size", "apollo_update", "adamw_update", "bias_corrections"]
+__all__ = [
+    "adamw_update",
+    "apollo_step_size",
+    "apollo_update",
+    "bias_corrections",
+    "limiter_factor",
+    "update_moments",
+]
 
-_NORM_EPS = 1e-8  # the official code's epsilon in the scaling factor and the limiter
+NORM_EPS = 1e-8  # the official code's epsilon in the scaling factor and the limiter
 
 
 def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
@@ -28,6 +35,26 @@ def apollo_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     """eta_t = lr * sqrt(1 - b2^t) / (1 - b1^t): Adam's bias correction applied to the step size."""
     bc1, bc2 = bias_corrections(beta1, beta2, step)
     return lr * math.sqrt(bc2) / bc1
+
+
+def update_moments(
+    r_proj: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, beta1: float, beta2: float, eps: float
+) -> torch.Tensor:
+    """M <- b1 M + (1 - b1) R, V <- b2 V + (1 - b2) R^2 in place; returns N = M / (sqrt(V) + eps) (uncorrected)."""
+    exp_avg.mul_(beta1).add_(r_proj, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(r_proj, r_proj, value=1.0 - beta2)
+    return exp_avg / (exp_avg_sq.sqrt() + eps)
+
+
+def limiter_factor(norm: torch.Tensor, limiter_norm: torch.Tensor, step: int, gamma: float) -> torch.Tensor | None:
+    """The norm-growth limiter: the divisor lam for S (None on step 1, which only records ||S||), and
+    limiter_norm <- ||S|| / lam, the post-limit norm the next step compares with."""
+    if step == 1:
+        limiter_norm.copy_(norm)
+        return None
+    lam = torch.clamp(norm / (limiter_norm + NORM_EPS), min=gamma) / gamma
+    limiter_norm.copy_(norm / lam)
+    return lam
 
 
 @torch.no_grad()
@@ -60,7 +87,7 @@ def apollo_update(
     exp_avg, exp_avg_sq: C x r fp32 moments, C = max(m, n) channels, updated in place.
     limiter_norm: 0-dim fp32, the limiter's previous ||S||_F, written at every step.
     step: 1-based count including this step (bias correction, and step 1 seeds the limiter).
-    param_rounding, compensation (bf16, m x n, 'compensated' only), param_index, seed: how the fp32 result is
+    param_rounding, compensation (int16, m x n, 'compensated' only), param_index, seed: how the fp32 result is
     stored into a bf16/fp16 param (apollo_fast.reference.rounding).
     """
     g = channel_major(grad).float()
@@ -68,27 +95,21 @@ def apollo_update(
         g = -g
     r_proj = g @ proj.t()  # C x r
 
-    exp_avg.mul_(beta1).add_(r_proj, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(r_proj, r_proj, value=1.0 - beta2)
-    n_proj = exp_avg / (exp_avg_sq.sqrt() + eps)
+    n_proj = update_moments(r_proj, exp_avg, exp_avg_sq, beta1, beta2, eps)
 
     if scale_type == "channel":
-        s = n_proj.norm(dim=1) / (r_proj.norm(dim=1) + _NORM_EPS)  # C
+        s = n_proj.norm(dim=1) / (r_proj.norm(dim=1) + NORM_EPS)  # C
         scaled = g * s[:, None]
     elif scale_type == "tensor":
-        s = n_proj.norm() / (r_proj.norm() + _NORM_EPS)
+        s = n_proj.norm() / (r_proj.norm() + NORM_EPS)
         scaled = g * s
     else:
         raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
 
     if norm_growth_limit is not None:
-        norm = scaled.norm()
-        if step == 1:
-            limiter_norm.copy_(norm)
-        else:
-            lam = torch.clamp(norm / (limiter_norm + _NORM_EPS), min=norm_growth_limit) / norm_growth_limit
+        lam = limiter_factor(scaled.norm(), limiter_norm, step, norm_growth_limit)
+        if lam is not None:
             scaled = scaled / lam
-            limiter_norm.copy_(norm / lam)
 
     eta = apollo_step_size(lr, beta1, beta2, step)
     new_w = channel_major(compensated_value(param, compensation)) - (eta * alpha) * scaled
@@ -119,11 +140,13 @@ def adamw_update(
     compensation: torch.Tensor | None = None,
     param_index: int = 0,
     seed: int = 0,
+    block: tuple[int, int, int] | None = None,
 ) -> None:
     """One AdamW step, in place, as torch.optim.AdamW computes it (decay first, eps after sqrt(v_hat)).
 
     param, grad: any shape and float dtype; exp_avg, exp_avg_sq: fp32, same shape. param_rounding,
-    compensation, param_index, seed: as apollo_update.
+    compensation, param_index, seed: as apollo_update; block: where `param` lies in the whole tensor when it is
+    a shard (apollo_fast.reference.rounding.store_rounded).
     """
     g = grad.float()
     if maximize:
@@ -136,4 +159,6 @@ def adamw_update(
     bc1, bc2 = bias_corrections(beta1, beta2, step)
     denom = exp_avg_sq.sqrt() / math.sqrt(bc2) + eps
     new_w = w - (lr / bc1) * exp_avg / denom
-    store_rounded(param, new_w, param_rounding, compensation, param_index=param_index, seed=seed, step=step)
+    store_rounded(
+        param, new_w, param_rounding, compensation, param_index=param_index, seed=seed, step=step, block=block
+    )

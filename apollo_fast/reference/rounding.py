@@ -52,12 +52,23 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(1, -1)
 
 
-def rounding_words(shape: tuple[int, int], param_index: int, seed: int, step: int, device) -> torch.Tensor:
-    """The 32-bit random word (int64 holding uint32) of every element of an m x n parameter at `step`."""
+def rounding_words(
+    shape: tuple[int, int],
+    param_index: int,
+    seed: int,
+    step: int,
+    device,
+    block: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """The 32-bit random word (int64 holding uint32) of every element of an m x n parameter at `step`.
+
+    block: (first row, first column, columns of the whole matrix) when the m x n tensor is a block of a larger
+    one (a shard): its elements then take the words of their places in the whole matrix."""
     m, n = shape
-    groups = -(-n // 4)
-    i = torch.arange(m, device=device, dtype=torch.int64)[:, None]
-    j = torch.arange(n, device=device, dtype=torch.int64)[None, :]
+    row0, col0, n_total = (0, 0, n) if block is None else block
+    groups = -(-n_total // 4)
+    i = torch.arange(row0, row0 + m, device=device, dtype=torch.int64)[:, None]
+    j = torch.arange(col0, col0 + n, device=device, dtype=torch.int64)[None, :]
     counter = i * groups + torch.div(j, 4, rounding_mode="floor")
     words = philox4x32(counter.flatten(), step, ROUNDING_STREAM, 0, projection_key(param_index, seed))
     pick = (j % 4).expand(m, n).flatten()
@@ -113,14 +124,17 @@ def store_rounded(
     param_index: int = 0,
     seed: int = 0,
     step: int = 0,
+    block: tuple[int, int, int] | None = None,
 ) -> None:
     """param <- value (fp32, param's shape) by `rounding`; 'compensated' also writes the new residual
-    value - param into `compensation` (int16, units of 2**-15 ulp). fp32 parameters are written as they are."""
+    value - param into `compensation` (int16, units of 2**-15 ulp). fp32 parameters are written as they are.
+    block: where `param` lies in the whole parameter when it is a shard (see rounding_words; a non-matrix
+    tensor is one row of its elements)."""
     if param.dtype not in LOW_PRECISION or rounding == "nearest":
         param.copy_(value)
         return
     if rounding == "stochastic":
-        words = rounding_words(_as_matrix(param).shape, param_index, seed, step, param.device)
+        words = rounding_words(_as_matrix(param).shape, param_index, seed, step, param.device, block)
         param.copy_(stochastic_round(_as_matrix(value), param.dtype, words).view(param.shape))
         return
     if rounding != "compensated":
