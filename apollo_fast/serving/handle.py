@@ -71,6 +71,18 @@ def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names and layout its saved checkpoint has (what vLLM loads):
+    transformers 5 keeps some tensors in another layout in memory (fused MoE experts) and converts
+    them on save_pretrained; this applies the same conversion, without copying where it can."""
+    state = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: memory layout == checkpoint layout
+        return state
+    return dict(revert_weight_conversion(model, state)) if hasattr(model, "config") else state
+
+
 @torch.no_grad()
 def greedy_reference(model: nn.Module, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
     """The model's greedy continuation of `prompt` and, per token, its top-1 minus top-2 logit."""
@@ -140,6 +152,9 @@ class VLLMHandle:
                 return int(shape[0])
         return 2
 
+    def _specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {k: (tuple(s), getattr(torch, d)) for k, (s, d) in self.info()["specs"].items()}
+
     def version(self) -> int | None:
         """The version the engine serves now (as the engine reports it); None before the first push."""
         label = self._t.get_version()
@@ -150,9 +165,11 @@ class VLLMHandle:
         """Copy what changed since the last push (whole fusion groups) to the host, in the engine's dtype."""
         t0 = time.perf_counter()
         info = self.info()
-        specs = {k: (tuple(s), d) for k, (s, d) in info["specs"].items()}
+        if info["refusal"]:
+            raise PushError(info["refusal"])
+        specs = self._specs()
         dtype = getattr(torch, info["dtype"])
-        state = model.state_dict()
+        state = checkpoint_state(model)
         sendable = {k: v for k, v in state.items() if k in specs}
         ptrs = {v.data_ptr() for v in sendable.values()}
         extra = [k for k, v in state.items() if k not in specs and v.is_floating_point() and v.data_ptr() not in ptrs]
@@ -174,7 +191,8 @@ class VLLMHandle:
         now = digests(sendable)
         changed = {group_of(k) for k, d in now.items() if self._sent.get(k) != d}
         names = [k for k in sendable if group_of(k) in changed]
-        tensors = {k: sendable[k].detach().to(device="cpu", dtype=dtype, copy=True) for k in names}
+        device = getattr(self._t, "payload_device", "cpu")
+        tensors = {k: sendable[k].detach().to(device=device, dtype=dtype, copy=True) for k in names}
         reference = greedy_reference(model, self.probe, self.verify_tokens) if verify else None
         return Snapshot(
             int(version),
@@ -201,14 +219,21 @@ class VLLMHandle:
                         path = self._write(snap)
                         request = {"path": str(path)}
                     with self._t.exclusive():
-                        reply = self._t.rpc("apollo_push", request)
+                        if hasattr(self._t, "push_tensors"):  # NCCL: validated and sent by the trainer
+                            t1 = time.perf_counter()
+                            try:
+                                self._t.push_tensors(snap.tensors, self._specs())
+                                reply = {"ok": True, "seconds": time.perf_counter() - t1}
+                            except ValueError as err:
+                                reply = {"error": str(err)}
+                        else:
+                            reply = self._t.rpc("apollo_push", request)
                         if "error" in reply:
                             if reply.get("broken"):
                                 self._t.set_version("undefined")
+                            state = "weights are undefined" if reply.get("broken") else "keeps its previous version"
                             raise PushError(
-                                f"push of version {snap.version} failed, "
-                                f"{'the engine weights are undefined' if reply.get('broken') else 'the engine keeps its previous version'}: "
-                                f"{reply['error']}"
+                                f"push of version {snap.version} failed, the engine {state}: {reply['error']}"
                             )
                         self._t.set_version(str(snap.version))
                         self._t.reset_caches()
@@ -258,7 +283,7 @@ class VLLMHandle:
                 f"version {snap.version}: the probe was answered by versions {sorted(set(labels))} "
                 "(another push came in between)"
             )
-        for i, (a, b) in enumerate(zip(ref, tokens)):
+        for i, (a, b) in enumerate(zip(ref, tokens, strict=False)):
             if a != b:
                 if margins[i] <= self.verify_tolerance:
                     return  # a near-tie for the trainer model: the two may part here
@@ -318,15 +343,32 @@ class VLLMHandle:
         self._t.close()
 
 
-def connect_vllm(llm_or_url, **options) -> VLLMHandle:
+def connect_vllm(
+    llm_or_url, *, transfer: str = "auto", nccl: dict | None = None, timeout: float = 600, **options
+) -> VLLMHandle:
     """A handle on a running engine: an in-process `vllm.LLM` (see start_vllm), a server URL
     (`http://127.0.0.1:8000`, started with VLLM_SERVER_DEV_MODE=1 and our worker extension), or a
-    `VLLMServer`. Options: see VLLMHandle."""
+    `VLLMServer`.
+
+    transfer: "auto" (in process: tensors are handed over; a server: a safetensors file in
+    /dev/shm, so trainer and server share a host) or "nccl" (a GPU server started with
+    `--weight-transfer-config '{"backend": "nccl"}'`; `nccl` holds master_address, master_port,
+    world_size, packed; untested, see apollo_fast.serving.nccl). `timeout`: seconds for one HTTP
+    call. Other options: see VLLMHandle.
+    """
+    if transfer not in ("auto", "nccl"):
+        raise ValueError(f"transfer must be 'auto' or 'nccl', got {transfer!r}")
     target = getattr(llm_or_url, "url", llm_or_url)
     if isinstance(target, str):
         if not target.startswith(("http://", "https://")):
             raise ValueError(f"not a server URL: {target!r} (expected http://HOST:PORT)")
-        transport = HttpTransport(target)
+        transport = HttpTransport(target, timeout=timeout)
+        if transfer == "nccl":
+            from .nccl import NCCLTransport
+
+            transport = NCCLTransport(transport, **(nccl or {}))
     else:
+        if transfer == "nccl":
+            raise ValueError("transfer='nccl' is for servers; an in-process engine gets the tensors directly")
         transport = InprocTransport(target)
     return VLLMHandle(transport, **options)

@@ -73,7 +73,7 @@ def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
         by_device.setdefault(t.device, []).append(name)
     out: dict[str, int] = {}
     for names in by_device.values():
-        out.update(zip(names, torch.stack([tensor_digest(tensors[n]) for n in names]).tolist()))
+        out.update(zip(names, torch.stack([tensor_digest(tensors[n]) for n in names]).tolist(), strict=True))
     return out
 
 
