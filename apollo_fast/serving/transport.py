@@ -214,3 +214,28 @@ class HttpTransport:
 
     def close(self) -> None:
         pass
+
+
+def stream_generate(url: str, prompt: list[int], max_tokens: int, timeout: float = 120) -> Iterator[dict[str, Any]]:
+    """Greedy tokens of a server's token-in/token-out route, streamed: one dict per chunk with
+    `token_ids` (new tokens), and on the last chunk `finish_reason` and `weight_versions` (spans)."""
+    body = {
+        "token_ids": list(prompt),
+        "stream": True,
+        "sampling_params": {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
+    }
+    req = urllib.request.Request(
+        url.rstrip("/") + "/inference/v1/generate",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)["choices"][0]
