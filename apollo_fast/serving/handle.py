@@ -46,6 +46,7 @@ class PushRecord:
     seconds: float  # transfer + reload + label + cache reset, as the trainer waited for it
     engine_seconds: float  # the worker's reload alone
     verified: bool | None = None
+    started: float = 0.0  # time.monotonic() when the send began
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -209,7 +210,7 @@ class VLLMHandle:
         Raises PushError (the engine keeps its previous version) or VerifyError (see push).
         """
         with self._lock:
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), time.monotonic()
             engine_seconds = 0.0
             path = None
             try:
@@ -252,6 +253,7 @@ class VLLMHandle:
                 snap.seconds,
                 time.perf_counter() - t0,
                 engine_seconds,
+                started=started,
             )
             self.records.append(record)
         if snap.reference is not None:
