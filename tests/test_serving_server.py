@@ -61,7 +61,7 @@ def vector(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, vector):
+def server(model_dir, vector, tmp_path_factory):
     """`apollo-fast steer serve` in a child process: a steered server with the push routes on.
 
     Teardown checks the command's own shutdown: SIGTERM, exit code 0, its server's process group gone.
@@ -89,6 +89,8 @@ def server(model_dir, vector):
         "256",
         "--vllm-args",
         f"--kv-cache-memory-bytes {32 << 20}",
+        "--log",
+        str(tmp_path_factory.mktemp("server") / "vllm.log"),
     ]
     proc = subprocess.Popen(
         cmd,
