@@ -2,7 +2,8 @@
 
 README blocks fenced `python` run everywhere; `python gpu` blocks run where CUDA is present;
 `python files` blocks use files the reader brings (a model folder, JSONL data) and are shown only:
-the API they call is exercised by the feature's own tests.
+the API they call is exercised by the feature's own tests. `python vllm` blocks start a vLLM engine:
+tests/test_serving_readme.py runs them, each in a fresh process.
 """
 
 import re
@@ -27,7 +28,7 @@ def _run(code: str, where: str) -> None:
 def test_readme_has_examples():
     kinds = [tag.strip() for tag, _ in BLOCKS]
     assert kinds.count("") >= 3, "README should show runnable python examples"
-    assert set(kinds) <= {"", "gpu", "files"}, f"unknown README block tags: {set(kinds)}"
+    assert set(kinds) <= {"", "gpu", "files", "vllm"}, f"unknown README block tags: {set(kinds)}"
 
 
 @pytest.mark.parametrize("index", [i for i, (tag, _) in enumerate(BLOCKS) if tag.strip() == ""])

@@ -1,4 +1,4 @@
-"""`apollo-fast steer extract|verify|bake`: steering vectors from the command line.
+"""`apollo-fast steer extract|verify|bake|serve`: steering vectors from the command line.
 
 Pairs files are JSON Lines, one {"prompt": ..., "desired": ..., "undesired": ...} per line (prompt
 optional; each value a string, which needs a tokenizer, or a list of token ids). Prompt files are
@@ -188,6 +188,12 @@ def _bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from ..serving.cli import steer_serve
+
+    return steer_serve(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("steer", help="steering vectors: extract, verify, bake into weights")
     ss = p.add_subparsers(dest="steer_command", metavar="ACTION")
@@ -233,3 +239,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bake)
+
+    from ..serving.cli import add_serve_arguments
+
+    s = ss.add_parser("serve", help="serve the model steered in vLLM's OpenAI-compatible server (until Ctrl-C)")
+    add_serve_arguments(s)
+    s.set_defaults(func=_serve)
