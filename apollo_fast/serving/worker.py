@@ -134,7 +134,7 @@ class ApolloWorkerExtension:
     @_errors_returned
     def apollo_info(self, request: dict[str, Any]) -> dict[str, Any]:
         """What the trainer needs to build a push: checkpoint names/shapes, dtype, model type, refusal."""
-        from ..steering.hooks import decoder_layers, hidden_size
+        from ..steering.layers import decoder_layers, hidden_size
 
         model = self._apollo_model()
         info = self._apollo_describe()

