@@ -12,15 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .apollo_rounding import (
-    COMPENSATED,
-    ROUNDING_CODES,
-    STOCHASTIC,
-    residual_units,
-    round_to,
-    rounding_words,
-    with_residual,
-)
+from .apollo_rounding import ROUNDING_CODES, STOCHASTIC, load_value, rounding_words, store_value
 from .apollo_tables import (
     AW_COMP,
     AW_G,
@@ -111,10 +103,8 @@ def _adamw_fwd_kernel(
         bc2 = tl.load(dyn + mat * AWD_WIDTH + AWD_BC2).to(tl.float32)
         step = tl.load(dyn + mat * AWD_WIDTH + AWD_STEP)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
-    w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ROUNDING == COMPENSATED:
-        comp_ptr = field_ptr(row, AW_COMP, tl.int16)
-        w = with_residual(w, tl.load(comp_ptr + offs, mask=mask, other=0), P_DTYPE)
+    comp_ptr = field_ptr(row, AW_COMP, tl.int16)  # 0 unless 'compensated' (then never read)
+    w = load_value(p_ptr, comp_ptr, offs, mask, P_DTYPE, ROUNDING)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     w = w * decay
@@ -127,10 +117,7 @@ def _adamw_fwd_kernel(
     if ROUNDING == STOCHASTIC:  # the tensor as one row: element k takes word k mod 4 of counter k div 4
         quads = start // 4 + tl.arange(0, BLOCK // 4)
         word = rounding_words(quads, step.to(tl.int64), tl.load(row + AW_KEY_LO), tl.load(row + AW_KEY_HI), (BLOCK,))
-    stored = round_to(w, word, P_DTYPE, ROUNDING)
-    tl.store(p_ptr + offs, stored.to(P_DTYPE), mask=mask)
-    if ROUNDING == COMPENSATED:
-        tl.store(comp_ptr + offs, residual_units(w, stored, P_DTYPE), mask=mask)
+    store_value(p_ptr, comp_ptr, offs, mask, w, word, P_DTYPE, ROUNDING)
 
 
 def adamw_group(

@@ -104,3 +104,22 @@ def residual_units(x, stored, W_DTYPE: tl.constexpr):
     y = (x - stored) / (_ulp(stored, W_DTYPE) * 3.0517578125e-05)
     y = (y + 12582912.0) - 12582912.0
     return tl.minimum(tl.maximum(y, -32767.0), 32767.0).to(tl.int16)
+
+
+@triton.jit
+def load_value(w_ptr, comp_ptr, offs, mask, W_DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    """The fp32 value a step updates: the stored parameter, plus its residual in 'compensated' mode."""
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ROUNDING == COMPENSATED:
+        w = with_residual(w, tl.load(comp_ptr + offs, mask=mask, other=0), W_DTYPE)
+    return w
+
+
+@triton.jit
+def store_value(w_ptr, comp_ptr, offs, mask, x, word, W_DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    """Store the fp32 result x into the parameter by ROUNDING (word: its random words when stochastic), and the
+    new residual in 'compensated' mode."""
+    stored = round_to(x, word, W_DTYPE, ROUNDING)
+    tl.store(w_ptr + offs, stored.to(W_DTYPE), mask=mask)
+    if ROUNDING == COMPENSATED:
+        tl.store(comp_ptr + offs, residual_units(x, stored, W_DTYPE), mask=mask)

@@ -15,15 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .apollo_rounding import (
-    COMPENSATED,
-    ROUNDING_CODES,
-    STOCHASTIC,
-    residual_units,
-    round_to,
-    rounding_words,
-    with_residual,
-)
+from .apollo_rounding import ROUNDING_CODES, STOCHASTIC, load_value, rounding_words, store_value
 from .apollo_tables import (
     AP_C,
     AP_COMP,
@@ -295,10 +287,8 @@ def _apollo_update_fwd_kernel(
         coef = tl.load(coef_ws + ws + rows, mask=mask_m, other=0.0)[:, None]
     else:
         coef = tl.load(coef_ws + ws + cols, mask=mask_n, other=0.0)[None, :]
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ROUNDING == COMPENSATED:
-        comp_ptr = field_ptr(row, AP_COMP, tl.int16)
-        w = with_residual(w, tl.load(comp_ptr + offs, mask=mask, other=0), W_DTYPE)
+    comp_ptr = field_ptr(row, AP_COMP, tl.int16)  # 0 unless 'compensated' (then never read)
+    w = load_value(w_ptr, comp_ptr, offs, mask, W_DTYPE, ROUNDING)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = w - coef * g
     if DECAY:
@@ -313,10 +303,7 @@ def _apollo_update_fwd_kernel(
             step = tl.load(dyn + mat * APD_WIDTH + APD_STEP).to(tl.int64)
         quads = rows[:, None] * tl.cdiv(n, 4) + (col0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
         word = rounding_words(quads, step, tl.load(row + AP_KEY_LO), tl.load(row + AP_KEY_HI), (BLOCK_M, BLOCK_N))
-    stored = round_to(w, word, W_DTYPE, ROUNDING)
-    tl.store(w_ptr + offs, stored.to(W_DTYPE), mask=mask)
-    if ROUNDING == COMPENSATED:
-        tl.store(comp_ptr + offs, residual_units(w, stored, W_DTYPE), mask=mask)
+    store_value(w_ptr, comp_ptr, offs, mask, w, word, W_DTYPE, ROUNDING)
 
 
 def apollo_update_group(

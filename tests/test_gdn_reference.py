@@ -154,3 +154,21 @@ def test_api_reference_backend_and_validation(monkeypatch):
         gate(x["a"], x["b"], x["A_log"][:1], x["dt_bias"])
     with pytest.raises(TypeError, match="b must be floating"):
         gate(x["a"], x["b"].long(), x["A_log"], x["dt_bias"])
+
+
+def test_chunk_form_equals_the_token_form_on_packed_segments():
+    """chunk_delta_rule_ref (the reference backend's 'chunk' algorithm) is segment_delta_rule_ref chunk by chunk,
+    also on packed segments of lengths 1, 0, 70 and 9 (several chunks of 64, a padded one) and grouped heads."""
+    from apollo_fast.gdn.naive import chunk_delta_rule_ref
+
+    x = make_inputs(1, 80, 2, 4, 8, 6, h0_batch=4, seed=9)
+    g, beta = gate_ref(x["a"], x["b"], x["A_log"], x["dt_bias"])
+    cu = torch.tensor([0, 1, 1, 71, 80])
+    q, k, v = x["q"].double(), x["k"].double(), x["v"].double()
+    o_ref, s_ref = segment_delta_rule_ref(q, k, v, g.double(), beta.double(), x["h0"].double(), cu_seqlens=cu)
+    o, s = chunk_delta_rule_ref(q, k, v, g.double(), beta.double(), x["h0"].double(), cu_seqlens=cu)
+    assert_close("o", o_ref, o, 1e-10)
+    assert_close("final_state", s_ref, s, 1e-10)
+    o_b, s_b = segment_delta_rule(q, k, v, g.double(), beta.double(), x["h0"].double(), cu_seqlens=cu,
+                                  backend="reference", algorithm="chunk")  # fmt: skip
+    assert torch.equal(o_b, o) and torch.equal(s_b, s)

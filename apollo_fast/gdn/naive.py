@@ -11,6 +11,8 @@ tests compare against, and is differentiable by torch.autograd.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +88,13 @@ def segment_delta_rule_ref(
     B == 1. Returns o [B, T, Hv, V] in v's dtype and the final state [B|N, Hv, K, V] in the compute dtype
     (fp32, or fp64 for fp64 inputs), or None when output_final_state is False.
     """
+    return _over_segments(_recurrence, q, k, v, g, beta, initial_state, scale, use_qk_l2norm, output_final_state,
+                          cu_seqlens)  # fmt: skip
+
+
+def _over_segments(run, q, k, v, g, beta, initial_state, scale, use_qk_l2norm, output_final_state, cu_seqlens):
+    """What both forms share: the compute dtype, q and k normalised (q scaled) and repeated to the value heads,
+    then `run(q, k, v, g, beta, h0)` on the whole batch or on each packed segment of cu_seqlens."""
     dt = _compute_dtype(q, k, v, g, beta)
     B, T, Hk, K = q.shape
     Hv, V = v.shape[2], v.shape[3]
@@ -97,22 +106,19 @@ def segment_delta_rule_ref(
     qf = (qf * scale).repeat_interleave(group, dim=2)  # value head j uses key head j // group
     kf = kf.repeat_interleave(group, dim=2)
     vf, gf, bf = v.to(dt), g.to(dt), beta.to(dt)
-    if cu_seqlens is None:
-        bounds, n_state = [(slice(None), 0, T)], B
-    else:
-        cu = [int(x) for x in cu_seqlens.tolist()]
-        bounds, n_state = [(i, cu[i], cu[i + 1]) for i in range(len(cu) - 1)], len(cu) - 1
+    n_state = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is None:
         h0 = torch.zeros(n_state, Hv, K, V, dtype=dt, device=q.device)
     else:
         h0 = initial_state.detach().to(dt).expand(n_state, Hv, K, V)
     if cu_seqlens is None:
-        o, final = _recurrence(qf, kf, vf, gf, bf, h0)
+        o, final = run(qf, kf, vf, gf, bf, h0)
     else:
+        cu = [int(x) for x in cu_seqlens.tolist()]
         o_parts, finals = [], []
-        for i, s, e in bounds:
-            sl = slice(s, e)
-            o_i, f_i = _recurrence(qf[:, sl], kf[:, sl], vf[:, sl], gf[:, sl], bf[:, sl], h0[i : i + 1])
+        for i in range(len(cu) - 1):
+            sl = slice(cu[i], cu[i + 1])
+            o_i, f_i = run(qf[:, sl], kf[:, sl], vf[:, sl], gf[:, sl], bf[:, sl], h0[i : i + 1])
             o_parts.append(o_i)
             finals.append(f_i)
         o = torch.cat(o_parts, 1) if o_parts else vf.new_zeros(B, 0, Hv, V)
@@ -122,13 +128,15 @@ def segment_delta_rule_ref(
 
 def _chunk_one(q, k, v, g, beta, h0, chunk: int):
     """One batch of equal-length segments in the WY form. q, k [B, T, Hv, K] (normalised, q scaled); v [B, T, Hv, V];
-    g, beta [B, T, Hv]; h0 [B|1, Hv, K, V] or None (zeros) -> o [B, T, Hv, V], final state [B, Hv, K, V]."""
+    g, beta [B, T, Hv]; h0 [B, Hv, K, V] -> o [B, T, Hv, V], final state [B, Hv, K, V]."""
     bsz, t, hv, _ = k.shape
     dv = v.shape[3]
+    if t == 0:  # an empty segment leaves its state as it was
+        return v.new_zeros(bsz, 0, hv, dv), h0.expand(bsz, -1, -1, -1)
     acc = q.dtype
     qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, .]
     gf, bf = g.transpose(1, 2), beta.transpose(1, 2)
-    c = max(1, min(chunk, t))
+    c = min(chunk, t)
     pad = (-t) % c
     if pad:  # padded tokens have k = v = g = beta = 0: they leave the state unchanged
         qf, kf, vf = (F.pad(x, (0, 0, 0, pad)) for x in (qf, kf, vf))
@@ -157,21 +165,11 @@ def _chunk_one(q, k, v, g, beta, h0, chunk: int):
     state = h0
     outs = []
     for i in range(n):
-        if state is None:
-            u = w_v[:, :, i]
-            o = qk[:, :, i] @ u
-            state = k_dec[:, :, i].transpose(-1, -2) @ u
-        else:
-            u = w_v[:, :, i] - w_k[:, :, i] @ state
-            o = q_dec[:, :, i] @ state + qk[:, :, i] @ u
-            state = last[:, :, i].exp().unsqueeze(-1) * state + k_dec[:, :, i].transpose(-1, -2) @ u
-        outs.append(o)
-    o = torch.stack(outs, dim=2).reshape(bsz, hv, n * c, dv)[:, :, :t].transpose(1, 2)
-    if state is None:  # an empty segment
-        state = q.new_zeros(bsz, hv, k.shape[3], dv)
-    elif state.shape[0] != bsz:
-        state = state.expand(bsz, -1, -1, -1)
-    return o, state
+        u = w_v[:, :, i] - w_k[:, :, i] @ state
+        outs.append(q_dec[:, :, i] @ state + qk[:, :, i] @ u)
+        state = last[:, :, i].exp().unsqueeze(-1) * state + k_dec[:, :, i].transpose(-1, -2) @ u
+    o = torch.cat(outs, dim=2)[:, :, :t].transpose(1, 2)
+    return o, state.expand(bsz, -1, -1, -1)
 
 
 def chunk_delta_rule_ref(
@@ -194,29 +192,5 @@ def chunk_delta_rule_ref(
     (I + A) U = beta V - beta e^G K S0;  O = e^G Q S0 + (e^{G_i-G_j} q_i.k_j)_{j<=i} U;
     S_C = e^{G_C} S0 + (e^{G_C-G} K)^T U. The initial state gets no gradient.
     """
-    dt = _compute_dtype(q, k, v, g, beta)
-    B, T, Hk, K = q.shape
-    Hv, V = v.shape[2], v.shape[3]
-    group = Hv // Hk
-    scale = K**-0.5 if scale is None else scale
-    qf, kf = q.to(dt), k.to(dt)
-    if use_qk_l2norm:
-        qf, kf = l2norm_ref(qf), l2norm_ref(kf)
-    qf = (qf * scale).repeat_interleave(group, dim=2)  # value head j uses key head j // group
-    kf = kf.repeat_interleave(group, dim=2)
-    vf, gf, bf = v.to(dt), g.to(dt), beta.to(dt)
-    h0 = None if initial_state is None else initial_state.detach().to(dt)
-    if cu_seqlens is None:
-        o, final = _chunk_one(qf, kf, vf, gf, bf, h0, chunk_size)
-    else:
-        cu = [int(x) for x in cu_seqlens.tolist()]
-        o_parts, finals = [], []
-        for i in range(len(cu) - 1):
-            sl = slice(cu[i], cu[i + 1])
-            h0_i = None if h0 is None else h0[i : i + 1] if h0.shape[0] > 1 else h0
-            o_i, f_i = _chunk_one(qf[:, sl], kf[:, sl], vf[:, sl], gf[:, sl], bf[:, sl], h0_i, chunk_size)
-            o_parts.append(o_i)
-            finals.append(f_i)
-        o = torch.cat(o_parts, 1) if o_parts else vf.new_zeros(B, 0, Hv, V)
-        final = torch.cat(finals, 0)
-    return o.to(v.dtype), (final if output_final_state else None)
+    run = functools.partial(_chunk_one, chunk=chunk_size)
+    return _over_segments(run, q, k, v, g, beta, initial_state, scale, use_qk_l2norm, output_final_state, cu_seqlens)
