@@ -9,12 +9,15 @@ MODE:
   fsdp-load   load DIR/ckpt on this world size and train the remaining steps -> DIR/fsdp-load-wN.pt
   fsdp-load-model  the same, loading the model but not the optimizer state (the control: must differ)
   ddp         the same training under DistributedDataParallel -> DIR/ddp-wN.pt (and DIR/single.pt)
+  inbackward  FSDP2 with step_in_backward (per-layer clipping) against the normal FSDP2 step with the same
+              clipping -> DIR/inbackward-wN.json (max abs difference of the gathered weights, the step norms)
 Every rank trains on its slice of the step's global batch; the single-process run trains on the whole batch
 (mean loss), which is the same gradient.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -120,6 +123,31 @@ def main() -> None:
         weights = full_weights(model)
         if rank == 0:
             torch.save(weights, root / f"{mode}-w{world}.pt")
+    elif mode == "inbackward":
+        from apollo_fast import step_in_backward
+
+        weights, norms = [], []
+        for in_backward in (False, True):
+            model, opt = sharded_model()
+            handle = step_in_backward(model, opt, max_grad_norm=0.5, clip="layer") if in_backward else None
+            units = [list(layer.parameters()) for layer in model.layers] + [[model.norm.weight], [model.norm.bias]]
+            for step in range(STEPS):
+                x, y = batch(step)
+                rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+                (model(x[rows]) - y[rows]).square().mean().backward()
+                if handle is not None:
+                    norms.append(float(handle.finish_step().grad_norm))
+                    continue
+                for unit in units:  # what clip='layer' does: each unit clipped alone
+                    torch.nn.utils.clip_grad_norm_(unit, 0.5)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if handle is not None:
+                handle.remove()
+            weights.append(full_weights(model))
+        diff = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
+        if rank == 0:
+            (root / f"inbackward-w{world}.json").write_text(json.dumps({"max_diff": diff, "norms": norms}))
     elif mode == "ddp":
         model = nn.parallel.DistributedDataParallel(make())
         opt = optimizer(model.module)

@@ -548,20 +548,3 @@ def test_step_params_through_different_parts_keeps_one_step_count():
         assert_close(f"param[{i}]", a, b, 1e-6)
     assert_same_state(oa, ob, 1e-6)
 
-
-def test_sharded_parameters_are_refused_by_name():
-    """FSDP2 parameters are DTensors: refused when registering, not halfway through a backward."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = Tiny()
-        mesh = init_device_mesh("cpu", (1,))
-        model.head.weight = nn.Parameter(distribute_tensor(model.head.weight.detach(), mesh, [Shard(0)]))
-        opt = APOLLO(apollo_param_groups(model, rank=4), lr=1e-3)
-        with pytest.raises(NotImplementedError, match="head.weight is a DTensor"):
-            step_in_backward(model, opt)
-    finally:
-        dist.destroy_process_group()

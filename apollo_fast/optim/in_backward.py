@@ -31,8 +31,9 @@ optimizer.step() and zero_grad()), then steps its lr scheduler. What cannot work
   the backward keep their update. nonfinite='raise' raises NonFiniteGradientError from the backward,
   naming the parameter and the units already updated; 'skip' counts the step in
   optimizer.skipped_steps (and stats.partial_skips when units had been updated).
-- FSDP2-sharded (DTensor) parameters: refused (NotImplementedError) until APOLLO steps shards. FSDP2
-  itself calls these hooks per sharded parameter after each reduce-scatter.
+- FSDP2-sharded (DTensor) parameters: FSDP2 calls these hooks per sharded parameter after each
+  reduce-scatter, in the same order on every rank, and APOLLO steps the shards with the collectives its math
+  needs (optim/sharded.py); per-unit clipping norms and the total norm are the DTensors' global norms.
 """
 
 from __future__ import annotations
@@ -400,6 +401,8 @@ class InBackward:
             if self.track_norm and self._sq_norm:
                 devs = list(self._sq_norm)
                 grad_norm = sum(self._sq_norm[d].to(devs[0]) for d in devs).sqrt()
+                if _is_dtensor(grad_norm):  # FSDP2: the norms of sharded gradients are DTensors
+                    grad_norm = grad_norm.full_tensor()
             result = StepResult(grad_norm, self._skipping, len(self._updated), len(self._with_grad))
             self.stats.steps += 1
             if self._skipping:
@@ -473,12 +476,6 @@ def step_in_backward(
         )
     opt_params = {p for g in optimizer.param_groups for p in g["params"]}
     names = {p: n for n, p in model.named_parameters()}
-    sharded = [names.get(p, "a parameter") for p in opt_params if _is_dtensor(p)]
-    if sharded:  # FSDP2 calls these hooks per sharded parameter; the step on shards is not written yet
-        raise NotImplementedError(
-            f"{sharded[0]} is a DTensor (FSDP2-sharded): APOLLO does not step sharded parameters yet, in backward "
-            "or not"
-        )
     outside = [n for p, n in names.items() if p.requires_grad and p not in opt_params]
     if outside:
         raise InBackwardError(
