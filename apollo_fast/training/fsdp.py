@@ -19,8 +19,11 @@ no item) runs the missing ones on a two-token input with weight 0, adding exact 
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,7 +35,9 @@ __all__ = [
     "Ranks",
     "Round",
     "ReportedElsewhere",
+    "LostRank",
     "join",
+    "exit_on_sigterm",
     "refuse_unsharded_torchrun",
     "together",
     "broadcast",
@@ -53,6 +58,9 @@ DUMMY_SEGMENT = (0, 0)
 
 class ReportedElsewhere(ValueError):
     """Another rank failed and reports why; this rank stops quietly (the CLI exits 2 without a message)."""
+
+
+LostRank = dist.DistError if dist.is_available() else RuntimeError  # a collective failed: a peer is gone
 
 
 @dataclass
@@ -123,6 +131,26 @@ def join(device: str | None) -> Ranks:
 
     mesh = init_device_mesh(kind, (dist.get_world_size(),))
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh, owns)
+
+
+@contextmanager
+def exit_on_sigterm(ranks: Ranks, note: str) -> Iterator[None]:
+    """SIGTERM (torchrun's stop for the surviving ranks when one fails) raises SystemExit(143) instead of ending
+    the process on the spot, so temporary folders are removed and the run lock released on the way out; rank 0
+    says `note`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        say(ranks, note)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def together(ranks: Ranks | None, fn: Callable[[], T], relay: type[Exception] | None = None) -> T:

@@ -139,6 +139,14 @@ def _check_config(cfg: TrainConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
+    if cfg.fsdp:
+        unsupported = [name for name, on in (("--step-in-backward", cfg.step_in_backward),
+                                             ("--serve-vllm", cfg.serve_vllm is not None)) if on]  # fmt: skip
+        if unsupported:
+            raise ValueError(
+                f"--fsdp does not support {' and '.join(unsupported)} yet (step in backward would hook FSDP's "
+                "reduce-scattered gradients; serving would gather the whole model to one rank at every push)"
+            )
     if cfg.param_rounding not in PARAM_ROUNDINGS:
         raise ValueError(f"param_rounding must be one of {PARAM_ROUNDINGS}, got {cfg.param_rounding!r}")
     if cfg.steps is not None and cfg.epochs is not None:
@@ -204,14 +212,6 @@ def _check_config(cfg: TrainConfig) -> None:
         )
     if not 0 < cfg.serve_port < 65536:
         raise ValueError(f"serve_port must be a TCP port (1-65535), got {cfg.serve_port!r}")
-    if cfg.fsdp:
-        unsupported = [name for name, on in (("--step-in-backward", cfg.step_in_backward),
-                                             ("--serve-vllm", cfg.serve_vllm is not None)) if on]  # fmt: skip
-        if unsupported:
-            raise ValueError(
-                f"--fsdp does not support {' and '.join(unsupported)} yet (step in backward would hook FSDP's "
-                "reduce-scattered gradients; serving would gather the whole model to one rank at every push)"
-            )
 
 
 def _earlier_run(cfg: TrainConfig, out: Path) -> list[Path]:
@@ -456,15 +456,18 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     With cfg.fsdp every rank of a torchrun job calls it (see fsdp.py); it joins torchrun's process group (or the
     caller's) and leaves it at the end if it made it."""
-    if cfg.fsdp:
-        ranks: Ranks | None = fsdp.join(cfg.device)
-    else:
+    if not cfg.fsdp:
         fsdp.refuse_unsharded_torchrun()
-        ranks = None
-    try:
-        return _train_in(cfg, ranks)
-    finally:
-        if ranks is not None:
+        return _train_in(cfg, None)
+    ranks = fsdp.join(cfg.device)
+    note = (
+        "stopped by torchrun (SIGTERM): another rank failed or the job was stopped (torchrun's report says which); "
+        f"continue from the newest checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} with --resume"
+    )
+    with fsdp.exit_on_sigterm(ranks, note):  # torchrun stops the other ranks when one dies: unwind, clean up
+        try:
+            return _train_in(cfg, ranks)
+        finally:
             ranks.leave()
 
 
@@ -575,8 +578,11 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool, ranks: Ra
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
             error = ValueError(f"cannot resume {resumed_from}: the run's settings or data changed ({detail})")
             raise _replicated(error, ranks)
-        load_optimizer(state, model, optimizer, ranks)
-        stream.load_state_dict(state["stream"])
+        try:
+            load_optimizer(state, model, optimizer, ranks)
+            stream.load_state_dict(state["stream"])
+        except ValueError as err:  # every rank meets it alike
+            raise _replicated(err, ranks) from None
         _set_rng_state(state["rng"], ranks)
         history, start = {k: list(v) for k, v in state["history"].items()}, int(state["step"])
         optimizer.skipped_steps = int(state.get("skipped_steps", 0))
@@ -586,8 +592,12 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool, ranks: Ra
             _say(f"skipped checkpoint {folder}: {why}", ranks)
         if state["skipped"]:
             _say(f"resuming from {resumed_from}", ranks)
-        if ranks is not None and state["world_size"] != ranks.world:
-            _say(f"resuming a checkpoint of {state['world_size']} rank(s) on {ranks.world}", ranks)
+        if state["layout"] == "single" and ranks is not None:
+            _say(f"resuming a one-process checkpoint on {ranks.world} ranks", ranks)
+        elif state["layout"] == "dcp" and (ranks is None or state["world_size"] != ranks.world):
+            _say(
+                f"resuming a checkpoint of {state['world_size']} ranks on {1 if ranks is None else ranks.world}", ranks
+            )
     record = {**asdict(cfg), "total_steps": total_steps, **({} if ranks is None else {"world_size": ranks.world})}
 
     def run_file() -> None:

@@ -37,7 +37,7 @@ from .checkpoint import (
     file_record,
     write_manifest,
 )
-from .fsdp import Ranks, broadcast, together
+from .fsdp import LostRank, Ranks, broadcast, together
 
 __all__ = ["save_sharded_checkpoint", "load_weights", "load_optimizer"]
 
@@ -75,8 +75,11 @@ def save_sharded_checkpoint(
         try:
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
         except BaseException as err:  # DCP raises CheckpointException (a BaseException) on every rank alike
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            if isinstance(err, (KeyboardInterrupt, SystemExit, LostRank)):
                 raise
+            causes = [err, *(f[0] for f in getattr(err, "failures", {}).values())]
+            if not any(isinstance(c, OSError) for c in causes) and any(isinstance(c, RuntimeError) for c in causes):
+                raise LostRank(f"while writing {final}: {err}") from None  # a collective failed: a rank is gone
             raise OSError(f"{final}: writing the sharded checkpoint failed: {err}") from None
         _commit_point()  # tests: every rank's shards are written, the folder is not yet in place
 

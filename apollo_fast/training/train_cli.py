@@ -73,8 +73,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .checkpoint import CHECKPOINT_DIR, latest_checkpoint
-    from .fsdp import ReportedElsewhere
+    from .fsdp import LostRank, ReportedElsewhere
     from .loop import train
 
     cfg = config_from_args(args)
@@ -86,10 +85,14 @@ def _main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if not reporter:
             return 130
-        latest = latest_checkpoint(Path(cfg.out) / CHECKPOINT_DIR)
-        where = f"the latest checkpoint is {latest}; continue with --resume" if latest else "no checkpoint was written"
-        print(f"\napollo-fast train: interrupted; {where}", file=sys.stderr)
+        print(f"\napollo-fast train: interrupted; {_where(cfg)}", file=sys.stderr)
         return 130
+    except LostRank as err:  # a collective failed: another rank died (torchrun's report names it)
+        rank = os.environ.get("RANK", "?")
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"apollo-fast train: error: rank {rank} lost the job: another rank failed or was killed (torchrun's "
+              f"report names it): {cause}; {_where(cfg)}", file=sys.stderr)  # fmt: skip
+        return 1
     if not reporter:
         return 0
     final = result.history["loss"][-1] if result.history["loss"] else float("nan")
@@ -100,6 +103,13 @@ def _main(args: argparse.Namespace) -> int:
     print(f"loss plot:  {result.plot}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def _where(cfg: TrainConfig) -> str:
+    from .checkpoint import CHECKPOINT_DIR, latest_checkpoint
+
+    latest = latest_checkpoint(Path(cfg.out) / CHECKPOINT_DIR)
+    return f"the latest checkpoint is {latest}; continue with --resume" if latest else "no checkpoint was written"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
