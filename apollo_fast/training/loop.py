@@ -598,13 +598,13 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool, ranks: Ra
             _say(
                 f"resuming a checkpoint of {state['world_size']} ranks on {1 if ranks is None else ranks.world}", ranks
             )
-    record = {**asdict(cfg), "total_steps": total_steps, **({} if ranks is None else {"world_size": ranks.world})}
+    run_record = {**asdict(cfg), "total_steps": total_steps, **({} if ranks is None else {"world_size": ranks.world})}
 
     def run_file() -> None:
         if main:
             if cfg.resume is None and cfg.overwrite:
                 remove_tree(out / CHECKPOINT_DIR)  # the model folder is replaced when the new one is saved
-            atomic_write_json(out / RUN_FILE, record)
+            atomic_write_json(out / RUN_FILE, run_record)
 
     together(ranks, run_file)
 
@@ -678,11 +678,9 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool, ranks: Ra
     if ranks is None:
         save_pretrained_atomic(model, tokenizer, model_dir)
     else:
-        weights = fsdp.full_state_dict(model)  # every rank sends its shards; rank 0 writes the one folder
-        together(
-            ranks, lambda: save_pretrained_atomic(model, tokenizer, model_dir, state_dict=weights) if main else None
-        )
-        del weights
+        full = fsdp.full_state_dict(model)  # every rank sends its shards; rank 0 writes the one folder
+        together(ranks, lambda: save_pretrained_atomic(model, tokenizer, model_dir, state_dict=full) if main else None)
+        del full
     return TrainResult(
         model=model,
         tokenizer=tokenizer,
