@@ -41,7 +41,7 @@ from .data import BehaviourExample, GeneralItem, Limits, fingerprint, load_behav
 from .fsdp import Ranks, ReportedElsewhere, together
 from .mixing import BEHAVIOUR, GENERAL, MIX_BY, MixedStream, parse_fraction
 from .plot import new_history, write_loss_csv, write_loss_plot
-from .run_lock import RunLock
+from .run_lock import LOCK_FILE, RunLock
 from .sharded_checkpoint import load_optimizer, save_sharded_checkpoint
 
 __all__ = ["TrainConfig", "TrainResult", "train", "item_backward", "lr_at", "LR_SCHEDULES", "DTYPES"]
@@ -568,6 +568,14 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool, ranks: Ra
             remove_stale(folder)  # leftovers of killed runs: safe to remove under the lock
 
     together(ranks, prepare_folder)
+
+    def shared() -> None:  # every rank writes its checkpoint shards into `out`
+        if not (out / LOCK_FILE).is_file():
+            raise OSError(f"{out} (made by rank 0) is not visible on rank {ranks.rank if ranks else 0}'s machine: "
+                          "under --fsdp, --out must be a folder every node shares")  # fmt: skip
+
+    if ranks is not None:
+        together(ranks, shared)
 
     history, start, resumed_from = new_history(), 0, None
     state = _resume_state(cfg, out, model, ranks) if cfg.resume is not None else None

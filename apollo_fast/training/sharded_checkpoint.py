@@ -42,6 +42,21 @@ from .fsdp import LostRank, Ranks, broadcast, together
 __all__ = ["save_sharded_checkpoint", "load_weights", "load_optimizer"]
 
 
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    """dcp.load; without a process group it reads the whole checkpoint in this one process (on purpose: no
+    warning about it)."""
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    alone = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=alone)
+
+
 def _dcp_error(path: Path, what: str, err: BaseException) -> CheckpointError:
     return CheckpointError(f"{path}: the {what} state cannot be loaded ({type(err).__name__}: {err})")
 
@@ -94,6 +109,10 @@ def save_sharded_checkpoint(
             if not ranks.main:
                 return
             files = {n: r for share in shares for n, r in (share or {}).items()}
+            unseen = sorted(n for n in files if not (tmp / n).is_file())
+            if unseen:
+                raise OSError(f"{tmp}: rank 0 does not see {unseen}, which other ranks wrote: --out must be a folder "
+                              "every node shares")  # fmt: skip
             for p in tmp.iterdir():  # a file another rank's listing missed (a lagging network file system)
                 if p.is_file() and p.name not in files:
                     files[p.name] = file_record(p)
@@ -125,7 +144,7 @@ def load_weights(path: Path, layout: str, model: nn.Module, ranks: Ranks | None)
 
         msd = get_model_state_dict(model)
         try:
-            dcp.load({"model": msd}, checkpoint_id=path)
+            _dcp_load({"model": msd}, path)
             set_model_state_dict(model, msd)
         except (Exception, dcp.api.CheckpointException) as err:  # noqa: BLE001 - weights of another model
             raise _dcp_error(path, "model", err) from None
@@ -191,7 +210,7 @@ def load_optimizer(
 
         osd = get_optimizer_state_dict(model, optimizer)  # its layout (a new optimizer takes one lr-0 step first)
         try:
-            dcp.load({"optim": osd}, checkpoint_id=path)
+            _dcp_load({"optim": osd}, path)
             set_optimizer_state_dict(model, optimizer, osd)
         except (Exception, dcp.api.CheckpointException) as err:  # noqa: BLE001 - another optimizer's state
             raise _dcp_error(path, "optimizer", err) from None
