@@ -2,11 +2,13 @@
 
     python -m torch.distributed.run --nproc-per-node N tests/dist_train_worker.py JOBS.json
 
-JOBS.json: a list of {"config": {TrainConfig fields}, "gathered": PATH or null, "copy": [SRC, DST, STEP] or null}.
+JOBS.json: a list of {"config": {TrainConfig fields}, "gathered": PATH, "copy": [SRC, DST, STEP], "errors": PATH}
+(all but "config" optional).
 Every rank runs each job with apollo_fast.training.loop.train(TrainConfig(**config, fsdp=True)) inside the one
 process group this worker makes. "copy": first rank 0 copies run folder SRC to DST as a kill right after
 checkpoint STEP would have left it (truncated_copy). "gathered": rank 0 also saves the trained model's weights
-as gathered from the shards (fsdp.full_state_dict), to compare with the model folder the run wrote.
+as gathered from the shards (fsdp.full_state_dict), to compare with the model folder the run wrote. "errors":
+the job is expected to fail; rank 0 writes what each rank raised (type and message), a JSON list by rank.
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ def main() -> None:
         if job.get("copy") and dist.get_rank() == 0:
             truncated_copy(*job["copy"])
         dist.barrier()
+        if job.get("errors"):
+            try:
+                train(TrainConfig(**job["config"], fsdp=True))
+                raised = None
+            except Exception as err:  # noqa: BLE001 - recorded for the test to judge
+                raised = [type(err).__name__, str(err)]
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, raised)
+            if dist.get_rank() == 0:
+                Path(job["errors"]).write_text(json.dumps(everyone))
+            continue
         result = train(TrainConfig(**job["config"], fsdp=True))
         if job.get("gathered"):
             weights = fsdp.full_state_dict(result.model)

@@ -34,7 +34,7 @@ import torch
 from dist_train_worker import truncated_copy
 from train_fixtures import copy_behaviour, general_texts, make_model_dir, one_thread, write_jsonl
 
-from apollo_fast.training.checkpoint import CHECKPOINT_DIR, verify_checkpoint
+from apollo_fast.training.checkpoint import CHECKPOINT_DIR, CheckpointError, verify_checkpoint
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 300
@@ -165,7 +165,9 @@ def runs(tmp_path_factory):
                  {"config": config(s2f.name, resume="latest")},
                  {"config": bf16},
                  {"config": {**bf16, "out": str(root / "w2-bf16-resumed"), "resume": "latest"},
-                  "copy": [bf16["out"], str(root / "w2-bf16-resumed"), 2]}], root, "launch-2")  # fmt: skip
+                  "copy": [bf16["out"], str(root / "w2-bf16-resumed"), 2]},
+                 {"config": {**config("bad"), "data": str(root / "missing.jsonl")},
+                  "errors": str(root / "bad-errors.json")}], root, "launch-2")  # fmt: skip
     times["2 ranks: a run, a resume of a one-process checkpoint, a bf16 run and its resume"] = time.monotonic() - t
 
     # 3 ranks, killed (SIGKILL to rank 1) while the last checkpoint's shards are written, not yet renamed
@@ -191,9 +193,15 @@ def runs(tmp_path_factory):
 
     t = time.monotonic()
     r23 = truncated_copy(root / "w2", root / "r23", 2)
+    damaged = truncated_copy(root / "w2", root / "damaged", 4)
+    shard = damaged / CHECKPOINT_DIR / "step-00000004" / "__1_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 1  # one flipped bit in rank 1's shards: DCP itself would load it
+    shard.write_bytes(bytes(raw))
     run_jobs(3, [{"config": config("w3", gradient_checkpointing=True)},
                  {"config": {**killed, "resume": "latest"}},
-                 {"config": config(r23.name, resume="latest")}], root, "launch-3")  # fmt: skip
+                 {"config": config(r23.name, resume="latest")},
+                 {"config": config(damaged.name, resume="latest")}], root, "launch-3")  # fmt: skip
     times["3 ranks: a run, the killed job resumed, a 2-rank checkpoint resumed"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -263,11 +271,31 @@ def test_bf16_weights_agree_to_bf16_rounding_and_resume_bit_for_bit(runs):
 def test_resume_on_another_world_size_and_across_checkpoint_layouts(runs):
     """A 2-rank DCP checkpoint continues on 3 ranks and on one process; a one-process checkpoint continues on
     2 ranks; all on the uninterrupted trajectory."""
-    for name in ("r23", "f2s", "s2f"):
+    for name in ("r23", "f2s", "s2f", "damaged"):
         assert_close_to_one_process(runs, name)
     manifest = json.loads((runs["root"] / "w2" / CHECKPOINT_DIR / "step-00000004" / "manifest.json").read_text())
     assert manifest["layout"] == "dcp" and manifest["world_size"] == 2
     assert {".metadata", "trainer.pt", "__0_0.distcp", "__1_0.distcp"} <= set(manifest["files"])
+
+
+def test_a_damaged_sharded_checkpoint_is_detected_and_passed_over(runs):
+    """A bit flipped in one rank's shard file of the newest checkpoint: its manifest check fails (the ranks
+    share the checksumming and agree), --resume moves it to corrupt-step-* and continues from the one before,
+    on the uninterrupted trajectory (checked above with the other resumes)."""
+    checkpoints = runs["root"] / "damaged" / CHECKPOINT_DIR
+    assert (checkpoints / "corrupt-step-00000004").is_dir()
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp: sha256 differs from the manifest"):
+        verify_checkpoint(checkpoints / "corrupt-step-00000004")
+    verify_checkpoint(checkpoints / "step-00000004")  # written again by the resumed run
+
+
+def test_bad_input_is_reported_once(runs):
+    """A missing --data under torchrun: rank 0 raises the error (the CLI prints it, exit 2), the other ranks
+    raise ReportedElsewhere (the CLI exits 2 quietly); nothing is created."""
+    errors = json.loads((runs["root"] / "bad-errors.json").read_text())
+    assert errors[0][0] == "FileNotFoundError" and "missing.jsonl" in errors[0][1]
+    assert errors[1][0] == "ReportedElsewhere" and errors[1][1].startswith("rank 0 failed: FileNotFoundError")
+    assert not (runs["root"] / "bad").exists()
 
 
 def test_a_killed_rank_ends_the_job_and_leaves_no_half_written_checkpoint(runs):
