@@ -224,11 +224,12 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise
 
 
-def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """model.save_pretrained (safetensors) + tokenizer.save_pretrained as one atomic folder (replacing `out_dir`)."""
+def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | os.PathLike, state_dict: Any = None) -> Path:
+    """model.save_pretrained (safetensors) + tokenizer.save_pretrained as one atomic folder (replacing `out_dir`).
+    state_dict: the weights to write instead of the model's own (e.g. gathered from a sharded model)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if not any(tmp.glob("*.safetensors")):

@@ -195,8 +195,20 @@ def model_parts(model: nn.Module) -> ModelParts:
     return parts
 
 
+def class_name(module: nn.Module) -> str:
+    """The module's class name; for a module sharded by FSDP2 (whose class fully_shard replaces by a subclass
+    named FSDP<name>), the name of the class it had."""
+    cls = type(module)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(module, FSDPModule):
+            cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls.__name__
+
+
 def _build_parts(model: nn.Module) -> ModelParts:
-    arch = type(model).__name__
+    arch = class_name(model)
     if arch not in SUPPORTED_MODELS:
         raise ValueError(
             f"frozen context: model class {arch} is not supported (supported: {', '.join(SUPPORTED_MODELS)})"
@@ -206,12 +218,12 @@ def _build_parts(model: nn.Module) -> ModelParts:
     mixers: list[AttentionAdapter | GDNAdapter] = []
     for i, layer in enumerate(base.layers):
         attn, gdn = getattr(layer, "self_attn", None), getattr(layer, "linear_attn", None)
-        if attn is not None and type(attn).__name__ in attn_classes:
+        if attn is not None and class_name(attn) in attn_classes:
             mixers.append(_attention_adapter(attn, model.config))
-        elif gdn is not None and type(gdn).__name__ in gdn_classes:
+        elif gdn is not None and class_name(gdn) in gdn_classes:
             mixers.append(_gdn_adapter(gdn))
         else:
-            found = type(attn if attn is not None else gdn).__name__
+            found = class_name(attn if attn is not None else gdn)
             raise ValueError(f"frozen context: layer {i} of {arch} has an unsupported token mixer {found}")
         for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
             if not hasattr(layer, name):

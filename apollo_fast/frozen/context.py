@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from .adapters import AttentionAdapter, model_parts
-from .forward import LayerState, run_layers
+from .forward import LayerState, as_forward, run_layers
 
 __all__ = ["FrozenContext", "encode_context"]
 
@@ -102,7 +103,8 @@ def encode_context(
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
         if not bool((mask == 1).all()):
             raise ValueError("encode_context: padded contexts are not supported; encode each context on its own")
-    _, states = run_layers(parts, ids, 0, None, want_states=True, backend=backend)
+    encode = partial(run_layers, parts, offset=0, states=None, want_states=True, backend=backend)
+    _, states = as_forward(model, encode, ids)  # under FSDP2: the root's parameters unsharded around it
     # Own copies: views would keep the whole context's activations alive and share storage.
     states_t = tuple((_own(a), _own(b)) for a, b in states)
     versions = tuple(t._version for pair in states_t for t in pair)

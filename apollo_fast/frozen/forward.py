@@ -7,6 +7,8 @@ rule from the frozen state. So the block is differentiable w.r.t. the model's pa
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -18,7 +20,7 @@ from .adapters import AttentionAdapter, GDNAdapter, ModelParts, rotary_cos_sin
 from .attention import attend_after_context
 from .conv import causal_conv_with_prefix
 
-__all__ = ["run_layers"]
+__all__ = ["run_layers", "as_forward"]
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # attention: (k, v); GDN: (conv prefix, recurrent state)
 
@@ -76,7 +78,43 @@ def _layer(
 
 
 def _layer_hidden_only(layer, mixer, rope, state, backend, h: torch.Tensor) -> torch.Tensor:
-    return _layer(layer, mixer, rope, state, False, backend, h)[0]
+    return as_forward(layer, partial(_layer, layer, mixer, rope, state, False, backend), h)[0]
+
+
+_FORWARD_METHOD = "_apollo_fast_forward"
+
+
+@functools.cache
+def _fsdp() -> tuple[type, Callable] | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    return FSDPModule, register_fsdp_forward_method
+
+
+def _call(self: torch.nn.Module, fn: Callable, *args: Any) -> Any:
+    return fn(*args)
+
+
+def as_forward(module: torch.nn.Module, fn: Callable, *args: Any) -> Any:
+    """fn(*args) run as a forward of `module`. For a module sharded by FSDP2 (fully_shard) its parameters are
+    all-gathered before and resharded after, and its gradients reduce-scattered in backward, exactly as around
+    module(...); for any other module it is fn(*args).
+
+    The frozen forward drives a layer's sub-modules and parameters directly (never the layer's forward), which
+    FSDP's forward hooks would not see. Tensor arguments that need gradients go in `args` (not in fn's closure):
+    FSDP hooks them to reduce-scatter the module's gradients as soon as its backward is done.
+    """
+    fsdp = _fsdp()
+    if fsdp is None or not isinstance(module, fsdp[0]):
+        return fn(*args)
+    method = module.__dict__.get(_FORWARD_METHOD)
+    if method is None:  # once per module: FSDP's public way to treat a method as a forward
+        object.__setattr__(module, _FORWARD_METHOD, _call.__get__(module))
+        fsdp[1](module, _FORWARD_METHOD)
+        method = module.__dict__[_FORWARD_METHOD]
+    return method(fn, *args)
 
 
 def run_layers(
@@ -93,6 +131,7 @@ def run_layers(
 
     states: per layer, the frozen context's (k, v) or (conv prefix, recurrent state), or None (no context).
     Gradient checkpointing recomputes each layer in backward; that is safe because the states are read-only.
+    A layer sharded by FSDP2 is unsharded around its part (`as_forward`); the caller runs this under the root's.
     backend: where attention and the GDN gate / delta rule run ('auto' | 'reference' | 'triton').
     """
     h = parts.embed(input_ids)
@@ -107,7 +146,7 @@ def run_layers(
             fn = partial(_layer_hidden_only, layer, mixer, rope, state, backend)
             h = checkpoint(fn, h, use_reentrant=False)
             continue
-        h, new_state = _layer(layer, mixer, rope, state, want_states, backend, h)
+        h, new_state = as_forward(layer, partial(_layer, layer, mixer, rope, state, want_states, backend), h)
         if new_states is not None:
             new_states.append(new_state)
     return h, new_states

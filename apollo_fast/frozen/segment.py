@@ -8,7 +8,7 @@ from torch import nn
 
 from .adapters import ModelParts, model_parts
 from .context import FrozenContext, _layer_kinds, check_ids, out_of_vocab
-from .forward import run_layers
+from .forward import as_forward, run_layers
 
 __all__ = ["segment_logits", "segment_loss", "prepare_segment"]
 
@@ -103,8 +103,12 @@ def segment_logits(
 ) -> torch.Tensor:
     """Logits [B, T, V] of segment tokens input_ids [B, T] placed right after the context (positions Lc..Lc+T-1)."""
     ids, _, _ = prepare_segment(model, input_ids, None, attention_mask)
-    parts, h = _hidden(model, context, ids, gradient_checkpointing, backend)
-    return parts.lm_head(h)
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        parts, h = _hidden(model, context, ids, gradient_checkpointing, backend)
+        return parts.lm_head(h)
+
+    return as_forward(model, logits, ids)  # under FSDP2: the root's parameters unsharded around it
 
 
 def segment_loss(
@@ -131,9 +135,13 @@ def segment_loss(
             "least one label != -100 after its first position"
         )
     targets = labels[:, 1:]
-    parts, h = _hidden(model, context, ids, gradient_checkpointing, backend)
-    logits = parts.lm_head(h[:, :-1]).float()
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss / count
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        parts, h = _hidden(model, context, ids, gradient_checkpointing, backend)
+        logits = parts.lm_head(h[:, :-1]).float()
+        total = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return total / count
+
+    return as_forward(model, loss, ids)  # under FSDP2: the root's parameters unsharded around it

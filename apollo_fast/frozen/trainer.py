@@ -181,15 +181,20 @@ class FrozenContextTrainer:
 
             check_one_backward(-(-len(rows) // size), f"{len(rows)} segments in micro-batches of {size}")
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for s in range(0, len(rows), size):
-            n = sum(counts[s : s + size])
-            if n == 0:
-                continue
-            ids, labels, _ = pad_segments(rows[s : s + size])
+        for s, e in self.micro_batches(counts):
+            n = sum(counts[s:e])
+            ids, labels, _ = pad_segments(rows[s:e])
             loss = self._loss(context, ids, labels)
             (loss * (weight * (n / total))).backward()
             loss_sum += loss.detach().float() * n
         return loss_sum / total
+
+    def micro_batches(self, target_counts: Sequence[int]) -> list[tuple[int, int]]:
+        """[start, stop) of each micro-batch `backward` runs (one forward and one backward each) for segments
+        with these numbers of target tokens: micro_batch_size segments at a time, skipping any without targets."""
+        size = self.micro_batch_size or len(target_counts)
+        bounds = [(s, min(s + size, len(target_counts))) for s in range(0, len(target_counts), size)]
+        return [(s, e) for s, e in bounds if sum(target_counts[s:e]) > 0]
 
     def apply(self) -> torch.Tensor | None:
         """Clip to max_grad_norm (if set), step the optimizer, clear the gradients.
@@ -211,6 +216,8 @@ class FrozenContextTrainer:
                                                   self.max_grad_norm)  # fmt: skip
         elif grads:
             norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): a DTensor norm, the same on every rank
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._pending = 0

@@ -6,6 +6,12 @@ A checkpoint is a folder `step-NNNNNNNN/` holding
                         the optimizer's state_dict, the data-stream position, RNG states, the loss
                         history and the run's settings.
     manifest.json       the size and sha256 of both files, written last.
+Under `--fsdp` a checkpoint is a torch.distributed.checkpoint (DCP) folder instead (sharded_checkpoint.py):
+    .metadata, __R_N.distcp   model and optimizer state, each rank's shards (DCP; loads on any world size)
+    trainer.pt                the rest, as above, with every rank's RNG states
+    manifest.json             "layout": "dcp", the world size, and the size and sha256 of every file
+Either kind resumes either kind of run (`load_checkpoint`).
+
 It is built under a temporary name and renamed into place (apollo_fast.atomic), so a folder named
 step-* was complete when written; the manifest catches what happens to it afterwards (a truncated
 copy, a bad disk, a hand edit): every file is checked against it before anything is loaded.
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir, remove_stale, remove_tree
+from .fsdp import Ranks, broadcast, together
 
 __all__ = [
     "save_checkpoint",
@@ -38,6 +45,8 @@ __all__ = [
     "MODEL_FILE",
     "STATE_FILE",
     "MANIFEST_FILE",
+    "SINGLE",
+    "DCP",
 ]
 
 FORMAT_VERSION = 2  # 2: manifest.json with checksums
@@ -45,6 +54,9 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer.pt"
 MANIFEST_FILE = "manifest.json"
+DCP_METADATA = ".metadata"
+SINGLE, DCP = "single", "dcp"  # the layouts: one process's files, or a DCP folder of every rank's shards
+REQUIRED = {SINGLE: (MODEL_FILE, STATE_FILE), DCP: (DCP_METADATA, STATE_FILE)}
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
@@ -66,35 +78,53 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_manifest(folder: Path) -> None:
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-             for name in (MODEL_FILE, STATE_FILE)}  # fmt: skip
-    text = json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=2, allow_nan=False)
-    (folder / MANIFEST_FILE).write_text(text + "\n")  # inside the temporary folder: atomic with it
+def file_record(path: Path) -> dict[str, Any]:
+    """A manifest's entry for one file: its size and sha256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """CheckpointError unless every file of checkpoint folder `path` has the size and sha256 its manifest lists."""
-    path = Path(path)
-    manifest = path / MANIFEST_FILE
+def write_manifest(folder: Path, files: dict[str, dict[str, Any]], layout: str = SINGLE, **extra: Any) -> None:
+    """manifest.json of checkpoint folder `folder` (still under its temporary name: atomic with it)."""
+    manifest = {"format_version": FORMAT_VERSION, **({} if layout == SINGLE else {"layout": layout}), **extra,
+                "files": dict(sorted(files.items()))}  # fmt: skip
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of checkpoint folder `path`, its shape checked: "layout" and "files" {name: (bytes, sha256)}."""
+    manifest = Path(path) / MANIFEST_FILE
     try:
-        files = json.loads(manifest.read_bytes())["files"]
-        listed = {name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in (MODEL_FILE, STATE_FILE)}
+        data = json.loads(manifest.read_bytes())
+        layout = data.get("layout", SINGLE)
+        files = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in data["files"].items()}
+        missing = [name for name in REQUIRED[layout] if name not in files]
+        if missing or any("/" in name or name in ("", ".", "..") for name in files):
+            raise ValueError(f"lists {sorted(files)}, which lacks {missing} or names files outside the folder")
     except FileNotFoundError:
         raise CheckpointError(
             f"{manifest}: missing (the checkpoint is incomplete, or was written before checkpoints carried checksums)"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{manifest}: damaged ({type(err).__name__}: {err})") from None
-    for name, (size, digest) in listed.items():
+    return {**data, "layout": layout, "files": files}
+
+
+def verify_checkpoint(path: str | Path, part: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """CheckpointError unless every file of checkpoint folder `path` has the size and sha256 its manifest lists;
+    returns the manifest. part=(i, n): check the sha256 of every n-th file from the i-th only (the ranks of a job
+    share the reading; sizes are always all checked)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for k, (name, (size, digest)) in enumerate(sorted(manifest["files"].items())):
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
         actual = file.stat().st_size
         if actual != size:
             raise CheckpointError(f"{file}: {actual} bytes, the manifest says {size} (truncated or overwritten)")
-        if _sha256(file) != digest:
+        if k % part[1] == part[0] and _sha256(file) != digest:
             raise CheckpointError(f"{file}: sha256 differs from the manifest (the file is corrupted)")
+    return manifest
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -130,10 +160,7 @@ def _candidates(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no checkpoint found at {path} (expected {STATE_FILE} or {CHECKPOINT_DIR}/step-*)")
 
 
-def _load_one(path: Path, model: nn.Module | None) -> dict[str, Any]:
-    from safetensors.torch import load_model
-
-    verify_checkpoint(path)
+def _read_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means: this file cannot be used
@@ -143,48 +170,66 @@ def _load_one(path: Path, model: nn.Module | None) -> dict[str, Any]:
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path / STATE_FILE}: unknown checkpoint format {version!r} (expected {FORMAT_VERSION})")
-    if model is not None:
-        device = next(model.parameters()).device
-        try:
-            load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-        except Exception as err:  # noqa: BLE001 - a damaged file or weights of another model
-            raise CheckpointError(f"{path / MODEL_FILE}: cannot be loaded into the model ({err})") from None
-    state["path"] = str(path)
     return state
 
 
-def _first_good(candidates: list[Path], model: nn.Module | None) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+def _load_one(path: Path, model: nn.Module | None, ranks: Ranks | None) -> dict[str, Any]:
+    from .sharded_checkpoint import load_weights
+
+    part = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    manifest = together(ranks, lambda: verify_checkpoint(path, part), relay=CheckpointError)
+    layout = manifest["layout"]
+    # a one-process trainer.pt holds the whole optimizer state: rank 0 reads it and shares the rest
+    reader = ranks is None or ranks.main or layout == DCP
+    state = together(ranks, lambda: _read_state(path) if reader else {}, relay=CheckpointError)
+    if ranks is not None and layout == SINGLE:
+        shared = broadcast({k: v for k, v in state.items() if k != "optimizer"} if ranks.main else None)
+        state = {**state, **shared}
+    if model is not None:
+        load_weights(path, layout, model, ranks)
+    state.update(path=str(path), layout=layout, world_size=int(manifest.get("world_size", 1)))
+    return state
+
+
+def _first_good(
+    candidates: list[Path], model: nn.Module | None, ranks: Ranks | None
+) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
     """The state of the first checkpoint that verifies and loads, and (folder, why) for each one before it."""
     skipped = []
     for path in candidates:
         try:
-            return _load_one(path, model), skipped
+            return _load_one(path, model, ranks), skipped
         except CheckpointError as err:
             skipped.append((str(path), str(err)))
     return None, skipped
 
 
-def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, model: nn.Module | None = None, *, ranks: Ranks | None = None) -> dict[str, Any]:
     """Verify, then load a checkpoint's trainer state (weights_only) and, when `model` is given, its weights
     in place (strict).
 
     `path` is a checkpoint folder (it must be good: CheckpointError names the bad file and the newest
     good checkpoint beside it) or a checkpoints / run folder: its newest checkpoint that verifies and
     loads is taken; state["skipped"] lists (folder, why) for each newer one passed over. state["path"] is
-    the checkpoint loaded. FileNotFoundError when there is no checkpoint at all.
+    the checkpoint loaded, state["layout"] its kind ('single' or 'dcp'), state["world_size"] the ranks that
+    wrote it. FileNotFoundError when there is no checkpoint at all.
+
+    Either layout loads into a one-process model or, with `ranks` (every rank calls it), a sharded one; the
+    optimizer state follows with sharded_checkpoint.load_optimizer. Under `ranks` the ranks share the
+    checksumming and agree on every decision.
     """
     path = Path(path)
     candidates = _candidates(path)
     if candidates == [path]:
         try:
-            state = _load_one(path, model)
+            state = _load_one(path, model, ranks)
         except CheckpointError as err:
             siblings = [p for p in _step_dirs(path.parent)[::-1] if p != path]
             good = next((p for p in siblings if _verifies(p)), None)
             raise CheckpointError(err.reason, good) from None
         state["skipped"] = []
         return state
-    state, skipped = _first_good(candidates, model)
+    state, skipped = _first_good(candidates, model, ranks)
     if state is None:
         raise CheckpointError(f"no usable checkpoint under {path}:\n" + "\n".join(why for _, why in skipped))
     state["skipped"] = skipped
@@ -215,7 +260,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, state: dict[s
     with atomic_dir(final, overwrite=True) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         torch.save({"format_version": FORMAT_VERSION, "step": step, **state}, tmp / STATE_FILE)
-        _write_manifest(tmp)
+        write_manifest(tmp, {name: file_record(tmp / name) for name in REQUIRED[SINGLE]})
     for old in _step_dirs(root)[:-keep]:
         remove_tree(old)
     remove_stale(root)

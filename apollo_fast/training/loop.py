@@ -7,6 +7,10 @@ Output folder layout:
     OUT/run.json          the resolved settings of the run
     OUT/.lock             held (flock) by the run using the folder; see run_lock.py
 
+Under torchrun with fsdp=True (`--fsdp`) the model is sharded over the ranks with FSDP2 and every rank trains
+its share of each step (fsdp.py); checkpoints are DCP folders (sharded_checkpoint.py); rank 0 alone holds the
+lock and writes run.json, the loss files and model/ (gathered from the shards).
+
 What survives a kill at any moment: every file is written atomically (apollo_fast.atomic), so each
 name holds a complete file or folder; leftovers (.tmp-*) are removed by the next run on the folder,
 under its lock; a run folder without a complete checkpoint resumes as a fresh start.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -32,11 +35,14 @@ from ..frozen.trainer import FrozenContextTrainer
 from ..optim import APOLLO, apollo_param_groups
 from ..optim.apollo import DEFAULT_PARAM_ROUNDING
 from ..reference.rounding import PARAM_ROUNDINGS
+from . import fsdp
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, load_checkpoint, quarantine, save_checkpoint
 from .data import BehaviourExample, GeneralItem, Limits, fingerprint, load_behaviour, load_general, max_positions
+from .fsdp import Ranks, ReportedElsewhere, together
 from .mixing import BEHAVIOUR, GENERAL, MIX_BY, MixedStream, parse_fraction
 from .plot import new_history, write_loss_csv, write_loss_plot
-from .run_lock import RunLock
+from .run_lock import LOCK_FILE, RunLock
+from .sharded_checkpoint import load_optimizer, save_sharded_checkpoint
 
 __all__ = ["TrainConfig", "TrainResult", "train", "item_backward", "lr_at", "LR_SCHEDULES", "DTYPES"]
 
@@ -99,6 +105,7 @@ class TrainConfig:
     segment_batch: int = 8  # segments of one example per forward (right-padded batch)
     gradient_checkpointing: bool = False  # of the segments' layers (frozen path); general chunks run without it
     progress: bool = True
+    fsdp: bool = False  # under torchrun: shard the model over the ranks (FSDP2), each rank trains its share
 
 
 @dataclass
@@ -132,6 +139,14 @@ def _check_config(cfg: TrainConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
+    if cfg.fsdp:
+        unsupported = [name for name, on in (("--step-in-backward", cfg.step_in_backward),
+                                             ("--serve-vllm", cfg.serve_vllm is not None)) if on]  # fmt: skip
+        if unsupported:
+            raise ValueError(
+                f"--fsdp does not support {' and '.join(unsupported)} yet (step in backward would hook FSDP's "
+                "reduce-scattered gradients; serving would gather the whole model to one rank at every push)"
+            )
     if cfg.param_rounding not in PARAM_ROUNDINGS:
         raise ValueError(f"param_rounding must be one of {PARAM_ROUNDINGS}, got {cfg.param_rounding!r}")
     if cfg.steps is not None and cfg.epochs is not None:
@@ -185,7 +200,11 @@ def _check_config(cfg: TrainConfig) -> None:
     elif cfg.clip_per != "model":
         raise ValueError(f"clip_per {cfg.clip_per!r} is for step_in_backward; without it clipping is global")
     positive_int("push_every", cfg.push_every)
-    if cfg.serve_vllm is not None and cfg.serve_vllm != "local" and not cfg.serve_vllm.startswith(("http://", "https://")):
+    if (
+        cfg.serve_vllm is not None
+        and cfg.serve_vllm != "local"
+        and not cfg.serve_vllm.startswith(("http://", "https://"))
+    ):
         raise ValueError(f"serve_vllm must be 'local' or a server URL (http://HOST:PORT), got {cfg.serve_vllm!r}")
     if cfg.serve_vllm is not None and importlib.util.find_spec("vllm") is None:
         raise ValueError(
@@ -274,36 +293,48 @@ class _Serving:
             self.server.close()
 
 
-def _say(message: str) -> None:
-    print(f"apollo-fast train: {message}", file=sys.stderr, flush=True)
+def _say(message: str, ranks: Ranks | None = None) -> None:
+    fsdp.say(ranks, message)
 
 
-def _resume_state(cfg: TrainConfig, out: Path, model: nn.Module) -> dict[str, Any] | None:
+def _resume_state(cfg: TrainConfig, out: Path, model: nn.Module, ranks: Ranks | None) -> dict[str, Any] | None:
     """The checkpoint to resume (loaded into `model`), None for a fresh start (--resume on a run folder that
     has no checkpoint yet). The newest checkpoint under a folder that fails its checksums is skipped."""
     latest = cfg.resume == "latest"
     try:
-        return load_checkpoint(out if latest else cfg.resume, model)
-    except FileNotFoundError:
+        return load_checkpoint(out if latest else cfg.resume, model, ranks=ranks)
+    except FileNotFoundError as err:
         if not latest:
-            raise
-        _say(f"no checkpoint in {out / CHECKPOINT_DIR} yet: starting from the first step")
+            raise _replicated(err, ranks) from None
+        _say(f"no checkpoint in {out / CHECKPOINT_DIR} yet: starting from the first step", ranks)
         return None
     except CheckpointError as err:
         if err.good is None:
-            raise
-        raise ValueError(f"cannot resume: {err.reason}; the newest good checkpoint is --resume {err.good}") from None
+            raise _replicated(err, ranks) from None
+        raise _replicated(
+            ValueError(f"cannot resume: {err.reason}; the newest good checkpoint is --resume {err.good}"), ranks
+        ) from None
 
 
-def _load_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any]:
+def _replicated(err: Exception, ranks: Ranks | None) -> Exception:
+    """An error every rank meets alike: rank 0 reports it, the others stop quietly."""
+    return err if ranks is None or ranks.main else ReportedElsewhere(str(err))
+
+
+def _load_model(cfg: TrainConfig, device: torch.device, ranks: Ranks | None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(cfg.model)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model must be a local transformers model folder with config.json: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
-    return model.to(device), tokenizer
+    def tokenizer() -> Any:
+        path = Path(cfg.model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model must be a local transformers model folder with config.json: {path}")
+        return AutoTokenizer.from_pretrained(path)
+
+    tok = together(ranks, tokenizer)
+    if ranks is not None:
+        return fsdp.load_sharded(cfg.model, DTYPES[cfg.dtype], ranks), tok
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
+    return model.to(device), tok
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> APOLLO:
@@ -326,7 +357,12 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any] | list[dict[str, Any]], ranks: Ranks | None) -> None:
+    """A checkpoint's RNG states: one process's, or one per rank (a sharded run's; on another world size rank r
+    takes saved rank r mod W's: only dropout draws from them, and its masks cannot follow items that moved
+    to another rank anyway)."""
+    if isinstance(state, list):
+        state = state[(0 if ranks is None else ranks.rank) % len(state)]
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -350,6 +386,37 @@ def item_backward(trainer: FrozenContextTrainer, item: BehaviourExample | Genera
     context = trainer.encode(item.context_ids.to(trainer.device).unsqueeze(0))
     segments = [{"input_ids": s.input_ids, "labels": s.labels} for s in item.segments]
     return trainer.backward(context, segments, weight)
+
+
+def _targets(item: BehaviourExample | GeneralItem) -> list[int]:
+    """Target tokens per segment of an item, as FrozenContextTrainer.backward counts them."""
+    if isinstance(item, GeneralItem):
+        return [item.n_target]
+    return [s.n_target for s in item.segments]
+
+
+def _share_backward(
+    trainer: FrozenContextTrainer, items: list[BehaviourExample | GeneralItem], weights: list[float], ranks: Ranks
+) -> torch.Tensor:
+    """This rank's share of a step's backward, in the rounds every rank runs alike (fsdp.rounds: encodes and
+    forward/backward passes in step with the other ranks, zero-weight ones where this rank has less to do).
+    Returns the mean loss of every item of the step, in stream order (gathered from the ranks)."""
+    passes = [len(trainer.micro_batches(_targets(it))) for it in items]
+    plan = fsdp.rounds([isinstance(it, BehaviourExample) for it in items], passes, ranks.world)
+    device = trainer.device
+    losses = []
+    for rnd in plan:
+        i = rnd.items[ranks.rank]
+        item = None if i is None else items[i]
+        if rnd.encode and not isinstance(item, BehaviourExample):
+            trainer.encode(torch.tensor([fsdp.DUMMY_CONTEXT], device=device))
+        if item is None:
+            losses.append(torch.zeros((), device=device))
+        else:
+            losses.append(item_backward(trainer, item, weights[i]))
+        for _ in range(rnd.passes - (0 if i is None else passes[i])):
+            trainer.backward(None, [{"input_ids": torch.tensor(fsdp.DUMMY_SEGMENT, device=device)}], 0.0)
+    return fsdp.gather_items(torch.stack(losses), len(items), ranks)
 
 
 def _record(
@@ -385,26 +452,61 @@ def _trajectory(cfg: TrainConfig, total_steps: int, data_hash: str) -> dict[str,
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) training as configured; returns the trained model and where everything was written."""
-    _check_config(cfg)
+    """Run (or resume) training as configured; returns the trained model and where everything was written.
+
+    With cfg.fsdp every rank of a torchrun job calls it (see fsdp.py); it joins torchrun's process group (or the
+    caller's) and leaves it at the end if it made it."""
+    if not cfg.fsdp:
+        fsdp.refuse_unsharded_torchrun()
+        return _train_in(cfg, None)
+    ranks = fsdp.join(cfg.device)
+    note = (
+        "stopped by torchrun (SIGTERM): another rank failed or the job was stopped (torchrun's report says which); "
+        f"continue from the newest checkpoint in {Path(cfg.out) / CHECKPOINT_DIR} with --resume"
+    )
+    with fsdp.exit_on_sigterm(ranks, note):  # torchrun stops the other ranks when one dies: unwind, clean up
+        try:
+            return _train_in(cfg, ranks)
+        finally:
+            ranks.leave()
+
+
+def _train_in(cfg: TrainConfig, ranks: Ranks | None) -> TrainResult:
+    main = ranks is None or ranks.main
     out = Path(cfg.out)
-    check_output(out, overwrite=True, folder=True)  # a writable place for a folder, before anything is loaded
-    for option, path in (("--data", cfg.data), ("--general", cfg.general)):
-        if path is not None:
-            check_input_file(path, option)
+
+    def preflight() -> None:
+        _check_config(cfg)
+        if main:  # only rank 0 touches the run folder; every rank reads the data
+            check_output(out, overwrite=True, folder=True)  # a writable place for a folder, before anything is loaded
+        for option, path in (("--data", cfg.data), ("--general", cfg.general)):
+            if path is not None:
+                check_input_file(path, option)
+
+    together(ranks, preflight)
     with ExitStack() as held:
-        locked = out.is_dir()
-        if locked:  # lock first, so that what is found in it stays true
-            held.enter_context(RunLock(out))
-        _earlier_run(cfg, out)
-        return _train(cfg, out, held, locked)
+
+        def lock() -> bool:
+            locked = main and out.is_dir()
+            if locked:  # lock first, so that what is found in it stays true
+                held.enter_context(RunLock(out))
+            if main:
+                _earlier_run(cfg, out)
+            return locked
+
+        return _train(cfg, out, held, together(ranks, lock), ranks)
 
 
-def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainResult:
+def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool, ranks: Ranks | None) -> TrainResult:
     from tqdm.auto import tqdm
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = _load_model(cfg, device)
+    main = ranks is None or ranks.main
+    device = (
+        ranks.device
+        if ranks is not None
+        else torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    )
+    model, tokenizer = _load_model(cfg, device, ranks)
 
     limits = Limits(
         max_positions=max_positions(model.config),
@@ -413,24 +515,29 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
         general_chunk_tokens=cfg.general_chunk_tokens,
         target_eos=cfg.target_eos,
     )
-    behaviour = load_behaviour(cfg.data, tokenizer, limits)
-    general = load_general(cfg.general, tokenizer, limits) if cfg.general else []
-    if cfg.step_in_backward:  # one backward per optimizer step: an example's segments must fit one batch
-        many = [ex for ex in behaviour if len(ex.segments) > cfg.segment_batch]
-        if many:
-            lines = ", ".join(f"{cfg.data}:{ex.line} ({len(ex.segments)})" for ex in many[:5])
-            raise ValueError(
-                f"--step-in-backward runs one backward per step, but {len(many)} example(s) have more segments than "
-                f"--segment-batch {cfg.segment_batch}: {lines}; raise --segment-batch"
-            )
+
+    def load_data() -> tuple[list[BehaviourExample], list[BehaviourExample | GeneralItem], MixedStream]:
+        behaviour = load_behaviour(cfg.data, tokenizer, limits)
+        general = load_general(cfg.general, tokenizer, limits) if cfg.general else []
+        if cfg.step_in_backward:  # one backward per optimizer step: an example's segments must fit one batch
+            many = [ex for ex in behaviour if len(ex.segments) > cfg.segment_batch]
+            if many:
+                lines = ", ".join(f"{cfg.data}:{ex.line} ({len(ex.segments)})" for ex in many[:5])
+                raise ValueError(
+                    f"--step-in-backward runs one backward per step, but {len(many)} example(s) have more segments "
+                    f"than --segment-batch {cfg.segment_batch}: {lines}; raise --segment-batch"
+                )
+        stream = MixedStream(
+            [it.n_target for it in behaviour],
+            [it.n_target for it in general],
+            fraction=cfg.general_fraction or 0,
+            mix_by=cfg.mix_by,
+            seed=cfg.seed,
+        )
+        return behaviour, general, stream
+
+    behaviour, general, stream = together(ranks, load_data)
     pools: dict[str, list[BehaviourExample | GeneralItem]] = {BEHAVIOUR: list(behaviour), GENERAL: general}
-    stream = MixedStream(
-        [it.n_target for it in behaviour],
-        [it.n_target for it in general],
-        fraction=cfg.general_fraction or 0,
-        mix_by=cfg.mix_by,
-        seed=cfg.seed,
-    )
     if cfg.steps is not None:
         total_steps = cfg.steps
     else:
@@ -448,54 +555,92 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
         step_in_backward=cfg.step_in_backward,
         clip=None if cfg.clip_per == "model" else cfg.clip_per,
     )
+
     # Model, data and settings are valid: only now is `out` created (and locked, if it is new).
-    if not locked:  # `out` did not exist
-        out.mkdir(parents=True, exist_ok=True)
-        held.enter_context(RunLock(out))
-        _earlier_run(cfg, out)  # another run may have made it meanwhile
-    for folder in (out, out / CHECKPOINT_DIR):
-        remove_stale(folder)  # leftovers of killed runs: safe to remove under the lock
+    def prepare_folder() -> None:
+        if not main:
+            return
+        if not locked:  # `out` did not exist
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(out))
+            _earlier_run(cfg, out)  # another run may have made it meanwhile
+        for folder in (out, out / CHECKPOINT_DIR):
+            remove_stale(folder)  # leftovers of killed runs: safe to remove under the lock
+
+    together(ranks, prepare_folder)
+
+    def shared() -> None:  # every rank writes its checkpoint shards into `out`
+        if not (out / LOCK_FILE).is_file():
+            raise OSError(f"{out} (made by rank 0) is not visible on rank {ranks.rank if ranks else 0}'s machine: "
+                          "under --fsdp, --out must be a folder every node shares")  # fmt: skip
+
+    if ranks is not None:
+        together(ranks, shared)
 
     history, start, resumed_from = new_history(), 0, None
-    state = _resume_state(cfg, out, model) if cfg.resume is not None else None
+    state = _resume_state(cfg, out, model, ranks) if cfg.resume is not None else None
     if state is not None:
         resumed_from = Path(state["path"])
         changed = {k: (state["trajectory"].get(k), v) for k, v in trajectory.items() if state["trajectory"].get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"cannot resume {resumed_from}: the run's settings or data changed ({detail})")
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["stream"])
-        _set_rng_state(state["rng"])
+            error = ValueError(f"cannot resume {resumed_from}: the run's settings or data changed ({detail})")
+            raise _replicated(error, ranks)
+        try:
+            load_optimizer(state, model, optimizer, ranks)
+            stream.load_state_dict(state["stream"])
+        except ValueError as err:  # every rank meets it alike
+            raise _replicated(err, ranks) from None
+        _set_rng_state(state["rng"], ranks)
         history, start = {k: list(v) for k, v in state["history"].items()}, int(state["step"])
         optimizer.skipped_steps = int(state.get("skipped_steps", 0))
         for folder, why in state["skipped"]:
-            if Path(folder).parent == out / CHECKPOINT_DIR:
+            if main and Path(folder).parent == out / CHECKPOINT_DIR:
                 why = f"{why}; moved to {quarantine(folder)}"
-            _say(f"skipped checkpoint {folder}: {why}")
+            _say(f"skipped checkpoint {folder}: {why}", ranks)
         if state["skipped"]:
-            _say(f"resuming from {resumed_from}")
-    if cfg.resume is None and cfg.overwrite:
-        remove_tree(out / CHECKPOINT_DIR)  # the model folder is replaced when the new one is saved
-    atomic_write_json(out / RUN_FILE, {**asdict(cfg), "total_steps": total_steps})
+            _say(f"resuming from {resumed_from}", ranks)
+        if state["layout"] == "single" and ranks is not None:
+            _say(f"resuming a one-process checkpoint on {ranks.world} ranks", ranks)
+        elif state["layout"] == "dcp" and (ranks is None or state["world_size"] != ranks.world):
+            _say(
+                f"resuming a checkpoint of {state['world_size']} ranks on {1 if ranks is None else ranks.world}", ranks
+            )
+    run_record = {**asdict(cfg), "total_steps": total_steps, **({} if ranks is None else {"world_size": ranks.world})}
 
-    def checkpoint(step: int) -> Path:
-        state = {
-            "optimizer": optimizer.state_dict(),
+    def run_file() -> None:
+        if main:
+            if cfg.resume is None and cfg.overwrite:
+                remove_tree(out / CHECKPOINT_DIR)  # the model folder is replaced when the new one is saved
+            atomic_write_json(out / RUN_FILE, run_record)
+
+    together(ranks, run_file)
+
+    def loss_files() -> None:
+        if main:
+            write_loss_csv(history, out / CSV_FILE)
+            write_loss_plot(history, out / PLOT_FILE)
+
+    def checkpoint(step: int) -> None:
+        rest = {
             "stream": stream.state_dict(),
-            "rng": _rng_state(),
             "history": history,
             "trajectory": trajectory,
             "skipped_steps": optimizer.skipped_steps,
         }
-        path = save_checkpoint(out / CHECKPOINT_DIR, step, model, state, keep=cfg.keep_checkpoints)
-        write_loss_csv(history, out / CSV_FILE)
-        write_loss_plot(history, out / PLOT_FILE)
-        return path
+        if ranks is None:
+            rest.update(optimizer=optimizer.state_dict(), rng=_rng_state())
+            save_checkpoint(out / CHECKPOINT_DIR, step, model, rest, keep=cfg.keep_checkpoints)
+        else:
+            rngs: list[Any] = [None] * ranks.world
+            torch.distributed.all_gather_object(rngs, _rng_state())
+            save_sharded_checkpoint(out / CHECKPOINT_DIR, step, model, optimizer, {**rest, "rng": rngs}, ranks,
+                                    keep=cfg.keep_checkpoints)  # fmt: skip
+        together(ranks, loss_files)
 
     model.train()
     serving = _Serving(cfg, model, start) if cfg.serve_vllm is not None else None
-    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and main))
     try:
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
@@ -505,8 +650,14 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
             taken = stream.take(cfg.grad_accum)
             items = [pools[src][idx] for src, idx in taken]
             weights = _weights(items, cfg.mix_by)
-            losses = torch.stack([item_backward(trainer, it, w) for it, w in zip(items, weights, strict=True)])
-            grad_norm = trainer.apply()
+            if ranks is None:
+                losses = torch.stack([item_backward(trainer, it, w) for it, w in zip(items, weights, strict=True)])
+            else:
+                losses = _share_backward(trainer, items, weights, ranks)
+            try:
+                grad_norm = trainer.apply()
+            except FloatingPointError as err:  # non-finite gradients: every rank's optimizer decides alike
+                raise _replicated(err, ranks) from None
             if grad_norm is None:  # no parameter got a gradient
                 grad_norm = torch.full((), math.nan, device=losses.device)
             *values, norm = torch.cat([losses, grad_norm.reshape(1).float()]).cpu().tolist()  # one host sync
@@ -528,11 +679,16 @@ def _train(cfg: TrainConfig, out: Path, held: ExitStack, locked: bool) -> TrainR
         if serving is not None:
             serving.close()
 
-    write_loss_csv(history, out / CSV_FILE)
-    write_loss_plot(history, out / PLOT_FILE)
+    together(ranks, loss_files)
     if serving is not None:  # the run's record lists every push (version, bytes, seconds) and every failure
         atomic_write_json(out / RUN_FILE, {**asdict(cfg), "total_steps": total_steps, **serving.record()})
-    model_dir = save_pretrained_atomic(model, tokenizer, out / MODEL_DIR)
+    model_dir = out / MODEL_DIR
+    if ranks is None:
+        save_pretrained_atomic(model, tokenizer, model_dir)
+    else:
+        full = fsdp.full_state_dict(model)  # every rank sends its shards; rank 0 writes the one folder
+        together(ranks, lambda: save_pretrained_atomic(model, tokenizer, model_dir, state_dict=full) if main else None)
+        del full
     return TrainResult(
         model=model,
         tokenizer=tokenizer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ data (JSONL, one object per line; blank lines skipped):
   --general  {"text": str} (plain language modelling, cut into --general-chunk-tokens chunks)
              or the --data schema
 output (in --out): model/ (from_pretrained-ready), checkpoints/step-*/, loss.png, loss.csv, run.json
+several GPUs / nodes: torchrun --nproc-per-node N [--nnodes M ...] -m apollo_fast train ... --fsdp
 """
 
 
@@ -66,21 +68,33 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         segment_batch=args.segment_batch,
         gradient_checkpointing=args.gradient_checkpointing,
         progress=not args.no_progress,
+        fsdp=args.fsdp,
     )
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .checkpoint import CHECKPOINT_DIR, latest_checkpoint
+    from .fsdp import LostRank, ReportedElsewhere
     from .loop import train
 
     cfg = config_from_args(args)
+    reporter = not cfg.fsdp or os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 speaks for the job
     try:
         result = train(cfg)
+    except ReportedElsewhere:
+        return 2
     except KeyboardInterrupt:
-        latest = latest_checkpoint(Path(cfg.out) / CHECKPOINT_DIR)
-        where = f"the latest checkpoint is {latest}; continue with --resume" if latest else "no checkpoint was written"
-        print(f"\napollo-fast train: interrupted; {where}", file=sys.stderr)
+        if not reporter:
+            return 130
+        print(f"\napollo-fast train: interrupted; {_where(cfg)}", file=sys.stderr)
         return 130
+    except LostRank as err:  # a collective failed: another rank died (torchrun's report names it)
+        rank = os.environ.get("RANK", "?")
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"apollo-fast train: error: rank {rank} lost the job: another rank failed or was killed (torchrun's "
+              f"report names it): {cause}; {_where(cfg)}", file=sys.stderr)  # fmt: skip
+        return 1
+    if not reporter:
+        return 0
     final = result.history["loss"][-1] if result.history["loss"] else float("nan")
     print(f"trained {result.steps} steps (final step loss {final:.4f})")
     if result.skipped_steps:
@@ -89,6 +103,13 @@ def _main(args: argparse.Namespace) -> int:
     print(f"loss plot:  {result.plot}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def _where(cfg: TrainConfig) -> str:
+    from .checkpoint import CHECKPOINT_DIR, latest_checkpoint
+
+    latest = latest_checkpoint(Path(cfg.out) / CHECKPOINT_DIR)
+    return f"the latest checkpoint is {latest}; continue with --resume" if latest else "no checkpoint was written"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -182,6 +203,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute the segments' layers in backward (less memory)"
+    )
+    run.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun (torchrun --nproc-per-node N -m apollo_fast train ... --fsdp): shard the model over "
+        "the ranks with FSDP2, each rank trains its share of every step; checkpoints are DCP folders",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_main)
