@@ -9,33 +9,21 @@ bf16 bit for bit; a resume on the same world size bit for bit.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_job import HERE, Job
 
-HERE = Path(__file__).resolve().parent
 CHANGE_RTOL = 1e-5
-TIMEOUT_S = 240
 
 
-def torchrun(nproc: int, script: str, *args: str) -> None:
+def torchrun(nproc: int, script: str, *args: str, logs: Path) -> None:
     """Run tests/`script` on `nproc` CPU ranks; fail with the ranks' output if it fails or hangs."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(HERE / script), *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{script} on {nproc} ranks did not finish in {TIMEOUT_S} s:\n{out.decode()[-4000:]}")
-    assert proc.returncode == 0, f"{script} on {nproc} ranks failed:\n{out.decode()[-4000:]}"
+    job = Job(nproc, HERE / script, *args, logs=logs / f"{Path(script).stem}-{args[0]}-{nproc}.log")
+    code, out = job.finish()
+    assert code == 0, f"{script} on {nproc} ranks failed:\n{out[-4000:]}"
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -45,7 +33,7 @@ def test_sharded_parameters_equal_the_single_process_run(tmp_path, world):
     mixed groups; the official projection; bf16 with stochastic and compensated rounding. And a NaN in one
     rank's shard: every rank raises (naming the parameter) or skips, and nothing changes."""
     out = tmp_path / "results.jsonl"
-    torchrun(world, "dist_apollo_worker.py", "all", str(out))
+    torchrun(world, "dist_apollo_worker.py", "all", str(out), logs=tmp_path)
     results = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(results) == {"channel", "mixed", "official", "bf16", "bf16c", "nonfinite"}
     for name in ("channel", "mixed", "official"):
@@ -72,10 +60,10 @@ def test_fsdp2_training_checkpoint_reshard_and_ddp(tmp_path):
     sys.path.insert(0, str(HERE))
     from dist_fsdp_worker import make
 
-    torchrun(2, "dist_fsdp_worker.py", "fsdp-save", str(tmp_path))
-    torchrun(3, "dist_fsdp_worker.py", "fsdp-load", str(tmp_path))
-    torchrun(2, "dist_fsdp_worker.py", "fsdp-load", str(tmp_path))
-    torchrun(3, "dist_fsdp_worker.py", "fsdp-load-model", str(tmp_path))
+    torchrun(2, "dist_fsdp_worker.py", "fsdp-save", str(tmp_path), logs=tmp_path)
+    torchrun(3, "dist_fsdp_worker.py", "fsdp-load", str(tmp_path), logs=tmp_path)
+    torchrun(2, "dist_fsdp_worker.py", "fsdp-load", str(tmp_path), logs=tmp_path)
+    torchrun(3, "dist_fsdp_worker.py", "fsdp-load-model", str(tmp_path), logs=tmp_path)
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     init = {k: v.detach() for k, v in make().named_parameters()}
     assert _change_err(tmp_path / "fsdp-save-w2.pt", single, init) <= CHANGE_RTOL
@@ -84,7 +72,7 @@ def test_fsdp2_training_checkpoint_reshard_and_ddp(tmp_path):
     for k in saved:
         assert torch.equal(saved[k], resumed[k]), f"{k}: the same-world resume is not bit-identical"
     assert _change_err(tmp_path / "fsdp-load-model-w3.pt", single, init) > 1e-2, "optimizer state had no effect"
-    torchrun(2, "dist_fsdp_worker.py", "ddp", str(tmp_path))
+    torchrun(2, "dist_fsdp_worker.py", "ddp", str(tmp_path), logs=tmp_path)
     assert _change_err(tmp_path / "ddp-w2.pt", single, init) <= CHANGE_RTOL
 
 
@@ -121,7 +109,7 @@ def test_fsdp2_step_in_backward_equals_the_normal_step(tmp_path):
     """FSDP2 calls the step-in-backward hooks per sharded parameter: with per-layer clipping the weights after 6
     steps on 2 ranks equal the normal FSDP2 step's (with the same clipping) bit for bit, and every step reports a
     finite global gradient norm."""
-    torchrun(2, "dist_fsdp_worker.py", "inbackward", str(tmp_path))
+    torchrun(2, "dist_fsdp_worker.py", "inbackward", str(tmp_path), logs=tmp_path)
     result = json.loads((tmp_path / "inbackward-w2.json").read_text())
     assert result["max_diff"] == 0.0, result
     assert len(result["norms"]) == 6 and all(0 < n < float("inf") for n in result["norms"]), result

@@ -24,20 +24,17 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from dist_train_worker import truncated_copy
+from torchrun_job import HERE, TIMEOUT_S, Job
 from train_fixtures import copy_behaviour, general_texts, make_model_dir, one_thread, write_jsonl
 
 from apollo_fast.training.checkpoint import CHECKPOINT_DIR, CheckpointError, verify_checkpoint
 
-HERE = Path(__file__).resolve().parent
-TIMEOUT_S = 300
 PAUSE = 0.6  # seconds at each commit point of the killed job: the window in which the test kills a rank
 
 
@@ -48,71 +45,6 @@ def _one_thread():
 
 RUN = dict(general_fraction="1/3", mix_by="tokens", steps=4, grad_accum=4, segment_batch=2, lr=5e-3, rank=4,
            update_proj_gap=2, weight_decay=0.1, checkpoint_every=2, seed=5, progress=False)  # fmt: skip
-
-
-# -- torchrun ------------------------------------------------------------------------------------------
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _kill_job(proc: subprocess.Popen) -> None:
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-class Job:
-    """torchrun --standalone --nproc-per-node NPROC ARGS (a script, or -m apollo_fast ...), output to `logs`."""
-
-    def __init__(self, nproc: int, *args: object, logs: Path, pause: float | None = None) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE)}
-        env.pop("APOLLO_FAST_TEST_PAUSE_S", None)
-        if pause:
-            env["APOLLO_FAST_TEST_PAUSE_S"] = str(pause)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               *map(str, args)]  # fmt: skip
-        self.logs = logs
-        self._log = open(logs, "w")  # noqa: SIM115 - closed in finish()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def finish(self) -> tuple[int, str]:
-        """Wait for the job (hard timeout: kill torchrun and every rank); its exit code and output."""
-        try:
-            code = self.proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _kill_job(self.proc)
-            self.proc.wait()
-            pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{self.logs.read_text()[-4000:]}")
-        finally:
-            self._log.close()
-        return code, self.logs.read_text()
-
-    def rank_pid(self, rank: int) -> int | None:
-        for pid in _descendants(self.proc.pid):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
-                return pid
-        return None
 
 
 def run_jobs(nproc: int, jobs: list[dict], root: Path, name: str) -> None:
