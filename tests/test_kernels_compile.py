@@ -81,7 +81,7 @@ def test_apollo_kernels_compile_for_sm90(tmp_path):
             for cfg in configs + sharded:
                 dtype, state_dtype, shard = cfg.pop("dtype"), cfg.pop("state_dtype"), cfg.pop("sharded", False)
                 mats = [torch.randn(300, 260, dtype=dtype), torch.randn(260, 300, dtype=dtype)]  # tall, wide
-                others = [torch.randn(7, dtype=dtype), torch.randn(7, 5, dtype=dtype)]  # AdamW; 5: odd width
+                others = [torch.randn(7), torch.randn(7, 5, dtype=dtype)]  # AdamW: fp32, and 16-bit of odd width
                 if shard:  # both matrices along each side: Shard(0) and Shard(1)
                     mats = [distribute_tensor(w, mesh, [Shard(d)]) for w in mats for d in (0, 1)]
                     others = [distribute_tensor(w, mesh, [Shard(0)]) for w in others]

@@ -154,6 +154,41 @@ def test_sharded_triton_on_two_gpus_nccl(tmp_path):
     assert results["nonfinite"]["agree"], results["nonfinite"]
 
 
+def test_comm_table_counts_the_collectives_buffers():
+    """benches/comm_table.py's per-matrix buffer sizes equal those the Triton backend allocates for FSDP2's Shard(0)
+    (one process: the layout per rank block is checked by the multi-rank tests' results)."""
+    import importlib.util
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from apollo_fast import APOLLO
+
+    sys.path.insert(0, str(HERE.parent / "benches"))
+    spec = importlib.util.spec_from_file_location("comm_table", HERE.parent / "benches" / "comm_table.py")
+    ct = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ct)
+    shapes = [(12, 5), (5, 12), (3, 40), (9, 9)]  # tall, wide, wide with min side below the rank, square
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for scale_type in ("channel", "tensor"):
+            ps = [torch.nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)])) for s in shapes]
+            opt = APOLLO(ps, lr=1e-2, rank=4, backend="triton", scale_type=scale_type)
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            (comm,) = next(iter(opt._launches.values())).comms
+            want = [ct.apollo_buffers(s, 4, 1) for s in shapes]
+            assert comm.rs_send.numel() == sum(w["reduce_scatter"] for w in want) > 0
+            assert comm.sums.numel() == sum(w["all_reduce"] for w in want)
+            # with tensor scaling the buffer is written by the scale kernel instead of all-gathered (the table: 0 B)
+            assert comm.gathered.numel() == sum(w["all_gather"] for w in want) > 0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_unsupported_placements_are_refused_by_name():
     """A 2-D mesh or a Replicate placement raises ValueError naming the parameter (checked in one process)."""
     import torch.distributed as dist
