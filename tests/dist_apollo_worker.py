@@ -21,6 +21,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from helpers import end_distributed_worker
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -182,7 +183,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             for r in results:
                 f.write(json.dumps({**r, "world": dist.get_world_size()}) + "\n")
-    dist.destroy_process_group()
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

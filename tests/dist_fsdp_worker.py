@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from helpers import end_distributed_worker
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -145,7 +146,7 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode}")
     dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ optimizer.step() and zero_grad()), then steps its lr scheduler. What cannot work
   the backward keep their update. nonfinite='raise' raises NonFiniteGradientError from the backward,
   naming the parameter and the units already updated; 'skip' counts the step in
   optimizer.skipped_steps (and stats.partial_skips when units had been updated).
-- FSDP2-sharded (DTensor) parameters: refused (NotImplementedError) until APOLLO steps shards. FSDP2
+- FSDP2-sharded (DTensor) parameters: refused (NotImplementedError; APOLLO.step() steps them). FSDP2
   itself calls these hooks per sharded parameter after each reduce-scatter.
 """
 
@@ -474,10 +474,10 @@ def step_in_backward(
     opt_params = {p for g in optimizer.param_groups for p in g["params"]}
     names = {p: n for n, p in model.named_parameters()}
     sharded = [names.get(p, "a parameter") for p in opt_params if _is_dtensor(p)]
-    if sharded:  # FSDP2 calls these hooks per sharded parameter; the step on shards is not written yet
+    if sharded:  # FSDP2 calls these hooks per sharded parameter; the step per unit on shards is not written yet
         raise NotImplementedError(
-            f"{sharded[0]} is a DTensor (FSDP2-sharded): APOLLO does not step sharded parameters yet, in backward "
-            "or not"
+            f"{sharded[0]} is a DTensor (FSDP2-sharded): step_in_backward does not step sharded parameters yet; "
+            "use optimizer.step() after the backward"
         )
     outside = [n for p, n in names.items() if p.requires_grad and p not in opt_params]
     if outside:
