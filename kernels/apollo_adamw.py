@@ -4,6 +4,12 @@ Same function as apollo_fast.reference.adamw_update (torch.optim.AdamW): decay f
 m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2, p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), the result
 stored by the parameter rounding mode (apollo_rounding.py).
 The found-flag kernel checks these gradients before anything is updated.
+
+Stochastic rounding bits follow reference/rounding.py: element (i, j) of the tensor seen as an m x n matrix (a
+tensor that is not a matrix: one row) takes word j mod 4 of counter i * ceil(n / 4) + j div 4. A launch class
+whose tensors hold whole groups of 4 in order (QUADS: one row, or rows of a multiple of 4, starting at a group)
+draws one Philox call per 4 elements; the others (odd row lengths, shards starting inside a group or holding
+column blocks) one per element.
 """
 
 from __future__ import annotations
@@ -12,15 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .apollo_rounding import ROUNDING_CODES, STOCHASTIC, load_value, rounding_words, store_value
+from .apollo_rounding import ROUNDING_CODES, STOCHASTIC, element_words, load_value, rounding_words, store_value
 from .apollo_tables import (
+    AW_COL0,
     AW_COMP,
     AW_G,
     AW_KEY_HI,
     AW_KEY_LO,
     AW_M,
     AW_N,
+    AW_NL,
+    AW_NT,
     AW_P,
+    AW_Q0,
+    AW_ROW0,
     AW_STEP,
     AW_TILE,
     AW_V,
@@ -74,6 +85,7 @@ def _adamw_fwd_kernel(
     CAPTURABLE: tl.constexpr,
     SKIP_ON_FOUND: tl.constexpr,
     ROUNDING: tl.constexpr,
+    QUADS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One AdamW step on BLOCK elements of one tensor (fp32 moments, fp32 math), the result stored by ROUNDING.
@@ -114,9 +126,16 @@ def _adamw_fwd_kernel(
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     word = 0
-    if ROUNDING == STOCHASTIC:  # the tensor as one row: element k takes word k mod 4 of counter k div 4
-        quads = start // 4 + tl.arange(0, BLOCK // 4)
-        word = rounding_words(quads, step.to(tl.int64), tl.load(row + AW_KEY_LO), tl.load(row + AW_KEY_HI), (BLOCK,))
+    if ROUNDING == STOCHASTIC:
+        key_lo, key_hi = tl.load(row + AW_KEY_LO), tl.load(row + AW_KEY_HI)
+        if QUADS:  # local element k takes word k mod 4 of counter Q0 + k div 4
+            quads = tl.load(row + AW_Q0) + start // 4 + tl.arange(0, BLOCK // 4)
+            word = rounding_words(quads, step.to(tl.int64), key_lo, key_hi, (BLOCK,))
+        else:
+            nl = tl.load(row + AW_NL)
+            col = tl.load(row + AW_COL0) + offs % nl
+            counter = (tl.load(row + AW_ROW0) + offs // nl) * tl.cdiv(tl.load(row + AW_NT), 4) + col // 4
+            word = element_words(counter, col % 4, step.to(tl.int64), key_lo, key_hi)
     store_value(p_ptr, comp_ptr, offs, mask, w, word, P_DTYPE, ROUNDING)
 
 
@@ -138,10 +157,12 @@ def adamw_group(
     capturable: bool,
     skip_on_found: bool,
     rounding: str,
+    quads: bool = True,
 ) -> None:
-    """AdamW on every tensor named in `meta` (one launch). decay: 1 - lr * weight_decay (non-capturable)."""
+    """AdamW on every tensor named in `meta` (one launch). decay: 1 - lr * weight_decay (non-capturable); quads:
+    every tensor's elements come in whole groups of 4 of the rounding bits' counters (see the module)."""
     _adamw_fwd_kernel[(tile_map.numel(),)](
         meta, dyn, tile_map, found, lr_t, decay, beta1, beta2, eps, weight_decay, sign,
         P_DTYPE=p_dtype, G_DTYPE=g_dtype, CAPTURABLE=capturable, SKIP_ON_FOUND=skip_on_found,
-        ROUNDING=ROUNDING_CODES[rounding], BLOCK=ADAMW_BLOCK,
+        ROUNDING=ROUNDING_CODES[rounding], QUADS=quads, BLOCK=ADAMW_BLOCK,
     )  # fmt: skip

@@ -14,6 +14,8 @@ import triton.language as tl
 
 from .apollo_tables import (
     AP_D,
+    AP_D_FULL,
+    AP_D_OFF,
     AP_KEY_HI,
     AP_KEY_LO,
     AP_P,
@@ -89,9 +91,11 @@ def philox_words(n: int, key: int, counter_hi: int, device: torch.device) -> tor
 
 @triton.jit
 def _philox_projection_fwd_kernel(
-    meta, dyn, tile_map, tile_refresh, gap, CAPTURABLE: tl.constexpr, BLOCK: tl.constexpr
+    meta, dyn, tile_map, tile_refresh, gap, CAPTURABLE: tl.constexpr, SPREAD: tl.constexpr, BLOCK: tl.constexpr
 ):
     """P~ (r x d fp32, N(0, 1/r)) for every matrix in `meta`: element (a, b) uses counter a*d + b.
+    SPREAD (shards along the compressed side): the r x d_local columns [d_off, d_off + d_local) of the whole
+    matrix's P~, element (a, b) with counter a * d_full + d_off + b.
 
     meta: n_mats x AP_WIDTH int64 rows (tables.py); tile_map: int32 tile -> matrix.
     The refresh index (high counter word) is in dyn, or (CAPTURABLE) floor((step - 1) / gap)
@@ -116,7 +120,11 @@ def _philox_projection_fwd_kernel(
     held = refresh.to(tl.int64) + 1
     if tl.load(tile_refresh + pid) == held:
         return
-    c0 = offs.to(tl.uint32)
+    if SPREAD:
+        counter = (offs // d) * tl.load(row + AP_D_FULL) + tl.load(row + AP_D_OFF) + offs % d
+        c0 = counter.to(tl.uint32)
+    else:
+        c0 = offs.to(tl.uint32)
     c1 = tl.zeros_like(c0) + refresh
     k0 = tl.zeros_like(c0) + tl.load(row + AP_KEY_LO).to(tl.uint32)
     k1 = tl.zeros_like(c0) + tl.load(row + AP_KEY_HI).to(tl.uint32)
@@ -133,9 +141,11 @@ def philox_projection_group(
     tile_refresh: torch.Tensor,
     gap: int,
     capturable: bool,
+    spread: bool = False,
 ) -> None:
-    """Bring every matrix's P~ buffer named in `meta` up to this step's refresh index (one launch)."""
+    """Bring every matrix's P~ buffer named in `meta` up to this step's refresh index (one launch); spread: the
+    matrices are shards along their compressed side (each gets the columns it holds)."""
     grid = (tile_map.numel(),)
     _philox_projection_fwd_kernel[grid](
-        meta, dyn, tile_map, tile_refresh, int(gap), CAPTURABLE=capturable, BLOCK=PHILOX_BLOCK
+        meta, dyn, tile_map, tile_refresh, int(gap), CAPTURABLE=capturable, SPREAD=spread, BLOCK=PHILOX_BLOCK
     )

@@ -37,6 +37,20 @@ def rounding_words(quad, step, key_lo, key_hi, SHAPE: tl.constexpr):
 
 
 @triton.jit
+def element_words(counter, which, step, key_lo, key_hi):
+    """The 32-bit random word of each element of a tile whose elements are not laid out in whole groups of 4
+    (a row length that is not a multiple of 4, a shard starting inside a group): word `which` (0..3) of counter
+    `counter`, one Philox call per element."""
+    c0 = counter.to(tl.uint32)
+    c1 = tl.zeros_like(c0) + step.to(tl.uint32)
+    c2 = tl.zeros_like(c0) + ROUNDING_STREAM
+    k0 = tl.zeros_like(c0) + key_lo.to(tl.uint32)
+    k1 = tl.zeros_like(c0) + key_hi.to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32_10(c0, c1, c2, k0, k1)
+    return tl.where(which == 0, w0, tl.where(which == 1, w1, tl.where(which == 2, w2, w3)))
+
+
+@triton.jit
 def bf16_nearest(x):
     """fp32 -> the nearest-even bf16 value, still as fp32 (its low 16 bits zero): integer arithmetic, so the
     result does not depend on how a compiler or interpreter rounds conversions."""

@@ -5,6 +5,10 @@ tile -> row map and reads that row. `meta` rows (int64) hold what stays fixed wh
 (addresses, sizes, tile offsets), so they are cached across steps; `dyn` rows (float64) hold what changes
 every step when the step counter lives on the host (non-capturable). The field indices are constexprs:
 host code indexes rows with them (constexpr has __index__), kernels use them as compile-time constants.
+
+Sharded matrices (optim/sharded.py) hold their LOCAL shard's geometry in AP_C / AP_D (the channels and the
+compressed side pass A and pass C run over) and the shard's place in the whole matrix in the fields below
+AP_COMP; for a plain matrix those fields describe the whole matrix (offsets 0), so one kernel reads both.
 """
 
 from __future__ import annotations
@@ -31,7 +35,18 @@ AP_TILE_PX = tl.constexpr(14)  # first tile of this matrix in the Philox launch
 AP_TILE_A = tl.constexpr(15)  # first tile in the projection / moment launches
 AP_TILE_C = tl.constexpr(16)  # first tile in the update launch
 AP_COMP = tl.constexpr(17)  # address of the int16 rounding residual (param_rounding='compensated'), else 0
-AP_WIDTH = tl.constexpr(18)
+AP_P_STRIDE = tl.constexpr(18)  # row stride of P~ in elements (d; a compressed-side shard's stored P~: d of the whole)
+AP_D_FULL = tl.constexpr(19)  # d of the whole matrix: the Philox counter of P~[a, b] is a * d_full + d_off + b
+AP_D_OFF = tl.constexpr(20)  # first compressed-side index of the local shard (0 unless compressed-side sharded)
+AP_CS = tl.constexpr(21)  # channels of stage B (moments, scale): AP_C, or a compressed-side shard's channel slice
+AP_RB = tl.constexpr(22)  # address of the R stage B reads (AP_R, or the reduce-scattered slice)
+AP_TILE_B = tl.constexpr(23)  # first tile in the moment launch
+AP_PIECE = tl.constexpr(24)  # compressed-side shards: channels per rank in the collectives' layout, ceil(C / world)
+AP_SUM = tl.constexpr(25)  # sharded matrices: row of the per-matrix scalars the ranks all-reduce
+AP_ROW0 = tl.constexpr(26)  # first row of the local shard in the whole matrix (the rounding bits' counters)
+AP_COL0 = tl.constexpr(27)  # first column of the local shard in the whole matrix
+AP_NT = tl.constexpr(28)  # columns of the whole matrix
+AP_WIDTH = tl.constexpr(29)
 
 # APOLLO dyn rows (non-capturable).
 APD_ETA = tl.constexpr(0)  # eta_t * alpha
@@ -51,7 +66,14 @@ AW_STEP = tl.constexpr(6)  # address of the fp32 step counter (capturable)
 AW_COMP = tl.constexpr(7)  # address of the int16 rounding residual (param_rounding='compensated'), else 0
 AW_KEY_LO = tl.constexpr(8)  # Philox key word 0 of the rounding bits: parameter index
 AW_KEY_HI = tl.constexpr(9)  # Philox key word 1: seed
-AW_WIDTH = tl.constexpr(10)
+# Where the local elements lie in the whole tensor, seen as the m x n matrix the rounding bits are indexed by (a
+# tensor that is not a matrix: one row). Local element k is at row ROW0 + k // NL, column COL0 + k % NL.
+AW_Q0 = tl.constexpr(10)  # quad-aligned tensors (class constant QUADS): the counter of local element k is Q0 + k // 4
+AW_ROW0 = tl.constexpr(11)
+AW_COL0 = tl.constexpr(12)
+AW_NL = tl.constexpr(13)  # local elements per row
+AW_NT = tl.constexpr(14)  # columns of the whole tensor's matrix view
+AW_WIDTH = tl.constexpr(15)
 
 # AdamW dyn rows (non-capturable).
 AWD_STEP_SIZE = tl.constexpr(0)  # lr / (1 - b1^t)

@@ -1,6 +1,6 @@
 """One rank of the FSDP2 / DDP checks (run by tests/test_sharded_apollo.py under torchrun, gloo on the CPU).
 
-    python -m torch.distributed.run --nproc-per-node N tests/dist_fsdp_worker.py MODE DIR
+    python -m torch.distributed.run --nproc-per-node N tests/dist_fsdp_worker.py MODE DIR [--backend triton]
 
 MODE:
   fsdp-save   FSDP2-shard a small model, train STEPS steps with APOLLO, saving model + optimizer through
@@ -12,18 +12,21 @@ MODE:
   inbackward  FSDP2 with step_in_backward (per-layer clipping) against the normal FSDP2 step with the same
               clipping -> DIR/inbackward-wN.json (max abs difference of the gathered weights, the step norms)
 Every rank trains on its slice of the step's global batch; the single-process run trains on the whole batch
-(mean loss), which is the same gradient.
+(mean loss), which is the same gradient. --backend triton: APOLLO's Triton backend (scratch NaN-poisoned) for the
+sharded and the single-process runs; the files get a '-triton' suffix (DIR/single-triton.pt is the single-process
+Triton run).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from helpers import end_distributed_worker
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -52,9 +55,14 @@ def make() -> Net:
     return Net()
 
 
+BACKEND = "reference"
+
+
 def optimizer(model: nn.Module) -> APOLLO:
     groups = apollo_param_groups(model, rank=3, update_proj_gap=2)
-    return APOLLO(groups, lr=2e-2, weight_decay=0.1, norm_growth_limit=1.05, backend="reference")
+    opt = APOLLO(groups, lr=2e-2, weight_decay=0.1, norm_growth_limit=1.05, backend=BACKEND)
+    opt._poison_scratch = BACKEND == "triton"
+    return opt
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +86,12 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def single_run(root: Path) -> None:
+def single_run(root: Path, suffix: str) -> None:
     model = make()
     opt = optimizer(model)
     for step in range(STEPS):
         train_step(model, opt, step, 0, 1)
-    torch.save(full_weights(model), root / "single.pt")
+    torch.save(full_weights(model), root / f"single{suffix}.pt")
 
 
 def sharded_model() -> tuple[nn.Module, APOLLO]:
@@ -95,7 +103,14 @@ def sharded_model() -> tuple[nn.Module, APOLLO]:
 
 
 def main() -> None:
-    mode, root = sys.argv[1], Path(sys.argv[2])
+    global BACKEND
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode")
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--backend", choices=("reference", "triton"), default="reference")
+    args = parser.parse_args()
+    mode, root, BACKEND = args.mode, args.dir, args.backend
+    suffix = "" if BACKEND == "reference" else f"-{BACKEND}"
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "fsdp-save":
@@ -107,8 +122,8 @@ def main() -> None:
                 dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(root / "ckpt"))
         weights = full_weights(model)
         if rank == 0:
-            torch.save(weights, root / f"fsdp-save-w{world}.pt")
-            single_run(root)
+            torch.save(weights, root / f"fsdp-save-w{world}{suffix}.pt")
+            single_run(root, suffix)
     elif mode in ("fsdp-load", "fsdp-load-model"):
         model, opt = sharded_model()
         msd, osd = get_state_dict(model, opt)
@@ -122,7 +137,7 @@ def main() -> None:
             train_step(model, opt, step, rank, world)
         weights = full_weights(model)
         if rank == 0:
-            torch.save(weights, root / f"{mode}-w{world}.pt")
+            torch.save(weights, root / f"{mode}-w{world}{suffix}.pt")
     elif mode == "inbackward":
         from apollo_fast import step_in_backward
 
@@ -154,12 +169,12 @@ def main() -> None:
         for step in range(STEPS):
             train_step(model, opt, step, rank, world)
         if rank == 0:
-            torch.save(full_weights(model.module), root / f"ddp-w{world}.pt")
-            single_run(root)
+            torch.save(full_weights(model.module), root / f"ddp-w{world}{suffix}.pt")
+            single_run(root, suffix)
     else:
         raise SystemExit(f"unknown mode {mode}")
     dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_worker()
 
 
 if __name__ == "__main__":

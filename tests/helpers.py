@@ -24,3 +24,19 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, rtol: float, a
     assert err <= rtol or max_abs <= atol, (
         f"{name}: relative error {err:.3e} > {rtol:.1e} (max abs diff {max_abs:.3e}, atol {atol:.1e})"
     )
+
+
+def end_distributed_worker() -> None:
+    """The end of a torchrun worker (tests/dist_*_worker.py), once its results are written: destroy the process
+    group and leave without the interpreter's C++ teardown. With torch 2.13 and gloo, about 1 exit in 15 at 3 ranks
+    aborts there ('terminate called without an active exception', after the work is done; measured 2 in 30 runs
+    of distribute_tensor alone, 0 in 40 with this exit)."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

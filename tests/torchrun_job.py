@@ -44,10 +44,14 @@ def _kill_job(proc: subprocess.Popen) -> None:
 class Job:
     """torchrun --standalone --nproc-per-node NPROC ARGS (a script, or -m apollo_fast ...), output to `logs`."""
 
-    def __init__(self, nproc: int, *args: object, logs: Path, pause: float | None = None) -> None:
+    def __init__(
+        self, nproc: int, *args: object, logs: Path, pause: float | None = None, env: dict | None = None
+    ) -> None:
+        extra = env or {}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE),
                "PYTHONWARNINGS": "ignore::FutureWarning"}  # torch's own collectives warn on every call  # fmt: skip
         env.pop("APOLLO_FAST_TEST_PAUSE_S", None)
+        env.update(extra)
         if pause:
             env["APOLLO_FAST_TEST_PAUSE_S"] = str(pause)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -271,10 +271,7 @@ class APOLLO(Optimizer):
         if self.state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {self.state_dtype!r}")
         devices = {p.device for g in self.param_groups for p in g["params"]}
-        sharded = any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"])
-        chosen = resolve_backend(
-            backend, devices, op="APOLLO", unsupported="sharded (DTensor) parameters yet" if sharded else None
-        )
+        chosen = resolve_backend(backend, devices, op="APOLLO")
         if chosen == "reference":
             if self.capturable or self.state_dtype != torch.float32:
                 raise ValueError("capturable=True and state_dtype=torch.bfloat16 need backend='triton'")
@@ -350,7 +347,7 @@ class APOLLO(Optimizer):
 
     def _check_triton_param(self, group: dict[str, Any], i: int, p: torch.Tensor) -> None:
         """What the Triton kernels need of a parameter, checked with its name before anything launches."""
-        if not p.is_contiguous():
+        if not _local(p).is_contiguous():
             raise ValueError(f"backend='triton' needs contiguous parameters: {self._name(group, i, p)} is not")
         for dt in (p.dtype, p.grad.dtype):
             tl_dtype(dt)  # raises TypeError naming an unsupported dtype
@@ -498,6 +495,18 @@ class APOLLO(Optimizer):
             flags[idx] = bad.cpu() == 0
         return flags
 
+    def _agree_found(self, work: list) -> None:
+        """Triton backend with sharded parameters: the found-inf flags MAX-reduced over each process group, on the
+        device (no host sync), so that every rank skips, raises or steps together."""
+        seen: dict[Any, torch.device] = {}
+        for _, group, entries in work:
+            for _, p in entries:
+                spec = self._spec(group, p)
+                if spec is not None and spec.group not in seen:
+                    seen[spec.group] = p.device
+        for pg, dev in seen.items():
+            dist.all_reduce(self._found_inf[dev], op=dist.ReduceOp.MAX, group=pg)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; `closure` (optional) re-evaluates the model and returns the loss."""
@@ -567,6 +576,7 @@ class APOLLO(Optimizer):
             fused_apollo_project(ap, hyper, self._found_inf, launches, capturable=cap)
             fused_adamw_check(aw, hyper, self._found_inf, launches, capturable=cap)
             planned.append((ap, aw, hyper, launches))
+        self._agree_found(work)
         if not cap and any(bool(f.item()) for f in self._found_inf.values()):  # the step's one host sync
             for state, entries in undo:
                 state.pop("proj", None)

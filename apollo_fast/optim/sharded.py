@@ -34,7 +34,19 @@ from ..reference.apollo import NORM_EPS, apollo_step_size, limiter_factor, updat
 from ..reference.rounding import compensated_value, store_rounded
 from .functional import ApolloLists, Hyper, _philox
 
-__all__ = ["ShardSpec", "apollo_reference_sharded", "chunk_range", "moments_state", "shard_spec"]
+__all__ = [
+    "ShardSpec",
+    "all_gather_single",
+    "apollo_reference_sharded",
+    "chunk_range",
+    "moments_state",
+    "reduce_scatter_single",
+    "shard_spec",
+]
+
+# torch 2.13 renamed the one-tensor collectives (the old names warn); older releases have only the old names
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def chunk_range(size: int, world: int, rank: int) -> tuple[int, int]:
@@ -127,7 +139,7 @@ def _reduce_scatter_channels(parts: list[torch.Tensor], spec: ShardSpec) -> list
         padded.append(full.view(world, piece * t.shape[1]))
     send = torch.cat(padded, dim=1).flatten()
     out = send.new_empty(send.numel() // world)
-    dist.reduce_scatter_tensor(out, send, group=spec.group)
+    reduce_scatter_single(out, send, group=spec.group)
     pieces, offset = [], 0
     for t in parts:
         piece = -(-t.shape[0] // world)
@@ -144,7 +156,7 @@ def _all_gather_channels(slices: list[torch.Tensor], sizes: list[int], spec: Sha
     pieces = [-(-c // world) for c in sizes]
     send = torch.cat([torch.cat([s, s.new_zeros(p - s.numel())]) for s, p in zip(slices, pieces, strict=True)])
     out = send.new_empty(world * send.numel())
-    dist.all_gather_into_tensor(out, send, group=spec.group)
+    all_gather_single(out, send, group=spec.group)
     out = out.view(world, send.numel())
     whole, offset = [], 0
     for c, p in zip(sizes, pieces, strict=True):
