@@ -33,9 +33,7 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(
-    requested: str, devices: Iterable[torch.device], *, op: str, unsupported: str | None = None
-) -> str:
+def resolve_backend(requested: str, devices: Iterable[torch.device], *, op: str, unsupported: str | None = None) -> str:
     """The backend that runs `op` ("reference" or "triton") for tensors on `devices`.
 
     unsupported: None when the op's kernels cover this call, else the reason they do not (e.g. "fp64

@@ -25,9 +25,7 @@ class DemoResult:
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer state (what a checkpoint of it would hold)."""
-    return sum(
-        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
-    )
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def _make_optimizer(name: str, model: torch.nn.Module, rank: int) -> torch.optim.Optimizer:

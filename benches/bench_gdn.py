@@ -57,8 +57,16 @@ def run_transformers(fn, q, k, v, g, beta, h0):
     rep = v.shape[2] // q.shape[2]
     if rep > 1:
         q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-    o, _ = fn(q, k, v, g=g, beta=beta, initial_state=h0.expand(v.shape[0], -1, -1, -1).clone(),
-              output_final_state=False, use_qk_l2norm_in_kernel=True)
+    o, _ = fn(
+        q,
+        k,
+        v,
+        g=g,
+        beta=beta,
+        initial_state=h0.expand(v.shape[0], -1, -1, -1).clone(),
+        output_final_state=False,
+        use_qk_l2norm_in_kernel=True,
+    )
     if o.shape[1] != v.shape[1]:  # some versions return [B, H, T, V]
         o = o.transpose(1, 2)
     return o
@@ -104,15 +112,30 @@ def fla_hopper_guard_bypassed():
 
 def run_fla(fn, q, k, v, g, beta, h0):
     try:
-        o, _ = fn(q, k, v, g, beta, initial_state=h0.expand(v.shape[0], -1, -1, -1).contiguous(),
-                  output_final_state=False, use_qk_l2norm_in_kernel=True)
+        o, _ = fn(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=h0.expand(v.shape[0], -1, -1, -1).contiguous(),
+            output_final_state=False,
+            use_qk_l2norm_in_kernel=True,
+        )
     except (AssertionError, RuntimeError, ValueError) as err:
         if v.shape[2] == q.shape[2] or "Hopper" in str(err):
             raise
         rep = v.shape[2] // q.shape[2]  # versions without grouped value heads
-        o, _ = fn(q.repeat_interleave(rep, 2), k.repeat_interleave(rep, 2), v, g, beta,
-                  initial_state=h0.expand(v.shape[0], -1, -1, -1).contiguous(), output_final_state=False,
-                  use_qk_l2norm_in_kernel=True)
+        o, _ = fn(
+            q.repeat_interleave(rep, 2),
+            k.repeat_interleave(rep, 2),
+            v,
+            g,
+            beta,
+            initial_state=h0.expand(v.shape[0], -1, -1, -1).contiguous(),
+            output_final_state=False,
+            use_qk_l2norm_in_kernel=True,
+        )
     return o
 
 
@@ -210,8 +233,16 @@ def make_inputs(B, T, Hk, Hv, K, V, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)
     A = torch.exp(torch.linspace(math.log(0.01), math.log(16.0), Hv))
-    x = dict(q=r(B, T, Hk, K), k=r(B, T, Hk, K), v=r(B, T, Hv, V), a=r(B, T, Hv), b=r(B, T, Hv),
-             A_log=A.log(), dt_bias=0.5 * r(Hv), h0=0.1 * r(1, Hv, K, V))
+    x = dict(
+        q=r(B, T, Hk, K),
+        k=r(B, T, Hk, K),
+        v=r(B, T, Hv, V),
+        a=r(B, T, Hv),
+        b=r(B, T, Hv),
+        A_log=A.log(),
+        dt_bias=0.5 * r(Hv),
+        h0=0.1 * r(1, Hv, K, V),
+    )
     out = {n: t.to(device=device, dtype=dtype) for n, t in x.items()}
     out["h0"] = x["h0"].to(device)  # the state is fp32
     return out
@@ -277,11 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch", action="store_true", help="skip transformers' PyTorch fallback")
     p.add_argument("--no-recurrent", action="store_true", help="skip our token-by-token kernel")
-    p.add_argument("--block-v", type=int, nargs="*", default=[],
-                   help="also time ours with these V-block widths (tuning aid; the default heuristic is 'ours')")
-    p.add_argument("--ckpt-every", type=int, nargs="*", default=[],
-                   help="also time ours with these checkpoint intervals (default ~sqrt(T); smaller: less scratch, "
-                        "more checkpoint memory)")
+    p.add_argument(
+        "--block-v",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time ours with these V-block widths (tuning aid; the default heuristic is 'ours')",
+    )
+    p.add_argument(
+        "--ckpt-every",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time ours with these checkpoint intervals (default ~sqrt(T); smaller: less scratch, "
+        "more checkpoint memory)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_gdn.json (default $OUT)")
     args = p.parse_args(argv)
 
@@ -305,11 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)",
-        "torch": torch.__version__, "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
         "triton": importlib.import_module("triton").__version__,
         "transformers": importlib.import_module("transformers").__version__,
-        "transformers_fallback": tf_name, "fla": fla_name,
-        "dtype": str(dtype).replace("torch.", ""), "Hk": Hk, "K": K, "V": V, "reps": args.reps,
+        "transformers_fallback": tf_name,
+        "fla": fla_name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "Hk": Hk,
+        "K": K,
+        "V": V,
+        "reps": args.reps,
     }
     rows, acc_rows, gate_rows = [], [], []
     for Hv in heads:
@@ -348,13 +395,24 @@ def main(argv: list[str] | None = None) -> int:
                         except Exception as err:  # noqa: BLE001 - recorded in the table
                             row["fla"] = {"error": f"{type(err).__name__}: {str(err)[:120]}"}
                 rows.append(row)
-                print(f"Hv={Hv} B={B} T={T}: " + ", ".join(
-                    f"{m} {r.get('median_ms', r.get('error'))}" for m, r in row.items() if isinstance(r, dict)
-                ), flush=True)
+                print(
+                    f"Hv={Hv} B={B} T={T}: "
+                    + ", ".join(
+                        f"{m} {r.get('median_ms', r.get('error'))}" for m, r in row.items() if isinstance(r, dict)
+                    ),
+                    flush=True,
+                )
                 # the gate: kernel vs eager expression, fwd+bwd, on a fused-projection view as in the models
                 ba = torch.randn(B, T, 2 * Hv, device=device).to(dtype)
-                ga = {n: t.detach().requires_grad_() for n, t in
-                      (("a", ba[..., Hv:]), ("b", ba[..., :Hv]), ("A_log", x["A_log"]), ("dt_bias", x["dt_bias"]))}
+                ga = {
+                    n: t.detach().requires_grad_()
+                    for n, t in (
+                        ("a", ba[..., Hv:]),
+                        ("b", ba[..., :Hv]),
+                        ("A_log", x["A_log"]),
+                        ("dt_bias", x["dt_bias"]),
+                    )
+                }
                 dg, dbeta = torch.randn(B, T, Hv, device=device), torch.randn(B, T, Hv, device=device).to(dtype)
 
                 def gate_step(fn, ga=ga, dg=dg, dbeta=dbeta):
@@ -363,15 +421,25 @@ def main(argv: list[str] | None = None) -> int:
                     for t in ga.values():
                         t.grad = None
 
-                gate_rows.append({"Hv": Hv, "B": B, "T": T,
-                                  "ours": time_ms(lambda: gate_step(gate), device, args.warmup, args.reps),
-                                  "eager": time_ms(lambda: gate_step(eager_gate), device, args.warmup, args.reps)})
+                gate_rows.append(
+                    {
+                        "Hv": Hv,
+                        "B": B,
+                        "T": T,
+                        "ours": time_ms(lambda: gate_step(gate), device, args.warmup, args.reps),
+                        "eager": time_ms(lambda: gate_step(eager_gate), device, args.warmup, args.reps),
+                    }
+                )
         # accuracy of the gating-parameter gradients (fp32 inputs, B=1) vs the fp64 per-token reference
         for T in [t for t in lengths if t <= args.acc_max_len]:
             x = make_inputs(1, T, Hk, Hv, K, V, torch.float32, device, seed=T)
             w = torch.randn(1, T, Hv, V, device=device, dtype=torch.float64)
-            acc = {"Hv": Hv, "T": T, "ours": param_grad_errors(x, run_ours, gate, w),
-                   "recurrent": param_grad_errors(x, run_recurrent, gate, w)}
+            acc = {
+                "Hv": Hv,
+                "T": T,
+                "ours": param_grad_errors(x, run_ours, gate, w),
+                "recurrent": param_grad_errors(x, run_recurrent, gate, w),
+            }
             if fla_fn is not None:
                 with fla_hopper_guard_bypassed():
                     try:
@@ -389,51 +457,72 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------------------------------- tables last
     ms = lambda r, m: r.get(m, {}).get("median_ms")
     ratio = lambda a, b: None if a is None or b is None else a / b
-    print(f"\n# GDN benchmark — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
-          f"transformers {meta['transformers']}, {meta['fla']}, {meta['date_utc']}")
+    print(
+        f"\n# GDN benchmark — {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"transformers {meta['transformers']}, {meta['fla']}, {meta['date_utc']}"
+    )
     print(f"# {meta['dtype']}, Hk={Hk}, K=V={K}, frozen fp32 initial state; median of {args.reps} (ms), fwd+bwd")
     if fla_fn is not None:
-        print("# fla: Hopper/Triton guard BYPASSED for this measurement only (its gated backward is refused on "
-              "Hopper with Triton in [3.4, 3.7.1)); a speed reference, not a correct kernel there")
+        print(
+            "# fla: Hopper/Triton guard BYPASSED for this measurement only (its gated backward is refused on "
+            "Hopper with Triton in [3.4, 3.7.1)); a speed reference, not a correct kernel there"
+        )
     print("# 'vs torch' / 'vs fla': their time / ours (above 1x: ours is faster)")
-    print("\n| Hv | B | T | ours ms | ours peak MB | ours tf32 ms | recurrent ms | torch fallback ms | fla ms "
-          "| vs torch | vs fla |")
+    print(
+        "\n| Hv | B | T | ours ms | ours peak MB | ours tf32 ms | recurrent ms | torch fallback ms | fla ms "
+        "| vs torch | vs fla |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, t, f = ms(r, "ours"), ms(r, "torch"), ms(r, "fla")
-        print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(o)} | {fmt(r['ours'].get('peak_mb'), '.0f')} | "
-              f"{fmt(ms(r, 'ours_tf32'))} | {fmt(ms(r, 'recurrent'))} | "
-              f"{fmt(t) if 'error' not in r.get('torch', {}) else r['torch']['error']} | "
-              f"{fmt(f) if 'error' not in r.get('fla', {}) else 'error'} | "
-              f"{fmt(ratio(t, o), '.1f', 'x')} | {fmt(ratio(f, o), '.2f', 'x')} |")
+        print(
+            f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(o)} | {fmt(r['ours'].get('peak_mb'), '.0f')} | "
+            f"{fmt(ms(r, 'ours_tf32'))} | {fmt(ms(r, 'recurrent'))} | "
+            f"{fmt(t) if 'error' not in r.get('torch', {}) else r['torch']['error']} | "
+            f"{fmt(f) if 'error' not in r.get('fla', {}) else 'error'} | "
+            f"{fmt(ratio(t, o), '.1f', 'x')} | {fmt(ratio(f, o), '.2f', 'x')} |"
+        )
     if args.block_v:
         print("\n| Hv | B | T | ours (heuristic) ms | " + " | ".join(f"BV={bv} ms" for bv in args.block_v) + " |")
         print("|---|---|---|---|" + "---|" * len(args.block_v))
         for r in rows:
-            print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(ms(r, 'ours'))} | "
-                  + " | ".join(fmt(ms(r, f"ours_bv{bv}")) for bv in args.block_v) + " |")
+            print(
+                f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(ms(r, 'ours'))} | "
+                + " | ".join(fmt(ms(r, f"ours_bv{bv}")) for bv in args.block_v)
+                + " |"
+            )
     if args.ckpt_every:
-        print("\n| Hv | B | T | ours (~sqrt T) ms / MB | "
-              + " | ".join(f"every {c}: ms / MB" for c in args.ckpt_every) + " |")
+        print(
+            "\n| Hv | B | T | ours (~sqrt T) ms / MB | "
+            + " | ".join(f"every {c}: ms / MB" for c in args.ckpt_every)
+            + " |"
+        )
         print("|---|---|---|---|" + "---|" * len(args.ckpt_every))
         for r in rows:
-            cells = [f"{fmt(ms(r, k))} / {fmt(r.get(k, {}).get('peak_mb'), '.0f')}"
-                     for k in ["ours"] + [f"ours_ckpt{c}" for c in args.ckpt_every]]
+            cells = [
+                f"{fmt(ms(r, k))} / {fmt(r.get(k, {}).get('peak_mb'), '.0f')}"
+                for k in ["ours"] + [f"ours_ckpt{c}" for c in args.ckpt_every]
+            ]
             print(f"| {r['Hv']} | {r['B']} | {r['T']} | " + " | ".join(cells) + " |")
     print("\n| gate Hv | B | T | ours ms | eager ms | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in gate_rows:
-        print(f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(ms(r, 'ours'))} | {fmt(ms(r, 'eager'))} | "
-              f"{fmt(ratio(ms(r, 'eager'), ms(r, 'ours')), '.1f', 'x')} |")
+        print(
+            f"| {r['Hv']} | {r['B']} | {r['T']} | {fmt(ms(r, 'ours'))} | {fmt(ms(r, 'eager'))} | "
+            f"{fmt(ratio(ms(r, 'eager'), ms(r, 'ours')), '.1f', 'x')} |"
+        )
     print("\n# accuracy: max per-head relative error vs fp64, fp32 inputs, A in [0.01, 16], B=1")
-    print("| Hv | T | ours dA_log | ours ddt_bias | recurrent dA_log | recurrent ddt_bias | fla dA_log "
-          "| fla ddt_bias |")
+    print(
+        "| Hv | T | ours dA_log | ours ddt_bias | recurrent dA_log | recurrent ddt_bias | fla dA_log | fla ddt_bias |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in acc_rows:
         f = r.get("fla", {})
-        print(f"| {r['Hv']} | {r['T']} | {r['ours']['dA_log']:.1e} | {r['ours']['ddt_bias']:.1e} | "
-              f"{r['recurrent']['dA_log']:.1e} | {r['recurrent']['ddt_bias']:.1e} | "
-              f"{fmt(f.get('dA_log'), '.1e')} | {fmt(f.get('ddt_bias'), '.1e')} |")
+        print(
+            f"| {r['Hv']} | {r['T']} | {r['ours']['dA_log']:.1e} | {r['ours']['ddt_bias']:.1e} | "
+            f"{r['recurrent']['dA_log']:.1e} | {r['recurrent']['ddt_bias']:.1e} | "
+            f"{fmt(f.get('dA_log'), '.1e')} | {fmt(f.get('ddt_bias'), '.1e')} |"
+        )
     print(f"\nJSON: {path}")
     return 0
 

@@ -41,9 +41,17 @@ def llama_config(size_gb: float):
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     fixed = 2 * vocab * hidden + hidden
     layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
-    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=16,
-                       num_key_value_heads=16, vocab_size=vocab, tie_word_embeddings=False,
-                       architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+        torch_dtype="bfloat16",
+    )
 
 
 def write_random_checkpoint(folder: Path, cfg, seed: int, base_seed: int | None, noise: float) -> None:
@@ -65,8 +73,9 @@ def write_random_checkpoint(folder: Path, cfg, seed: int, base_seed: int | None,
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(folder)
-    write_sharded(folder, [(k, s, torch.bfloat16) for k, s in shapes.items()], produce, {"format": "pt"},
-                  max_shard_bytes=2**30)
+    write_sharded(
+        folder, [(k, s, torch.bfloat16) for k, s in shapes.items()], produce, {"format": "pt"}, max_shard_bytes=2**30
+    )
 
 
 def hash_key(key: str) -> int:
@@ -129,13 +138,20 @@ def timed(cmd: list[str], env: dict | None = None) -> dict[str, float]:
     if rc != 0:
         err = b"".join(err_chunks).decode(errors="replace")
         print(f"command failed ({rc}): {' '.join(cmd)}\n{err[-3000:]}", file=sys.stderr)
-    return {"seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "peak_anon_mib": peaks["RssAnon"] / 1024,
-            "peak_file_mib": peaks["RssFile"] / 1024, "rc": rc}
+    return {
+        "seconds": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "peak_anon_mib": peaks["RssAnon"] / 1024,
+        "peak_file_mib": peaks["RssFile"] / 1024,
+        "rc": rc,
+    }
 
 
 def _line(name: str, r: dict[str, float]) -> str:
-    return (f"{name:12s} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB "
-            f"(anonymous {r['peak_anon_mib']:7.0f}, file-backed {r['peak_file_mib']:7.0f})  rc {r['rc']}")
+    return (
+        f"{name:12s} {r['seconds']:8.1f} s  peak RSS {r['peak_rss_mib']:7.0f} MiB "
+        f"(anonymous {r['peak_anon_mib']:7.0f}, file-backed {r['peak_file_mib']:7.0f})  rc {r['rc']}"
+    )
 
 
 def compare(a: Path, b: Path) -> dict[str, float]:
@@ -153,8 +169,12 @@ def compare(a: Path, b: Path) -> dict[str, float]:
         diff += int((d > 0).sum())
         max_abs = max(max_abs, float(d.max()))
         ref_max = max(ref_max, float(x.abs().max()))
-    return {"max_abs_diff": max_abs, "frac_elements_differing": diff / max(1, n), "ref_max_abs": ref_max,
-            "keys_only_in_one": len(missing)}
+    return {
+        "max_abs_diff": max_abs,
+        "frac_elements_differing": diff / max(1, n),
+        "ref_max_abs": ref_max,
+        "keys_only_in_one": len(missing),
+    }
 
 
 def main() -> None:
@@ -166,8 +186,12 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to write checkpoints (default: a temp folder)")
     ap.add_argument("--skip-model-trim", action="store_true")
     ap.add_argument("--skip-ours", action="store_true", help="reuse existing out-ours-* folders (mergekit only)")
-    ap.add_argument("--mergekit-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="mergekit's compute dtype (`dtype:`); the output is bf16 either way (default bfloat16)")
+    ap.add_argument(
+        "--mergekit-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="mergekit's compute dtype (`dtype:`); the output is bf16 either way (default bfloat16)",
+    )
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -179,8 +203,11 @@ def main() -> None:
         if not (work / name / "config.json").exists():
             write_random_checkpoint(work / name, cfg, seed, base_seed, noise=0.002)
     size = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
-    print(f"checkpoints: 3 x {size / 1e9:.2f} GB ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), "
-          f"built in {time.perf_counter() - t0:.0f} s in {work}", flush=True)
+    print(
+        f"checkpoints: 3 x {size / 1e9:.2f} GB ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}), "
+        f"built in {time.perf_counter() - t0:.0f} s in {work}",
+        flush=True,
+    )
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     results = {}
@@ -189,18 +216,32 @@ def main() -> None:
     for name, trim in runs:
         out = work / f"out-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-c", OURS, str(work / "base"), str(work / "ft_a"), str(work / "ft_b"), str(out),
-               str(args.density), trim, str(args.threads)]
+        cmd = [
+            sys.executable,
+            "-c",
+            OURS,
+            str(work / "base"),
+            str(work / "ft_a"),
+            str(work / "ft_b"),
+            str(out),
+            str(args.density),
+            trim,
+            str(args.threads),
+        ]
         results[name] = timed(cmd, env)
         print(_line(name, results[name]), flush=True)
 
     if args.mergekit and Path(args.mergekit).exists():
         cfg_yaml = work / "ties.yml"
-        models = "\n".join(f"  - model: {work / n}\n    parameters:\n      density: {args.density}\n      weight: 1.0"
-                           for n in ("ft_a", "ft_b"))
-        cfg_yaml.write_text(f"merge_method: ties\nbase_model: {work / 'base'}\nmodels:\n{models}\n"
-                            "parameters:\n  normalize: true\n  int8_mask: false\n"
-                            f"dtype: {args.mergekit_dtype}\nout_dtype: bfloat16\n")
+        models = "\n".join(
+            f"  - model: {work / n}\n    parameters:\n      density: {args.density}\n      weight: 1.0"
+            for n in ("ft_a", "ft_b")
+        )
+        cfg_yaml.write_text(
+            f"merge_method: ties\nbase_model: {work / 'base'}\nmodels:\n{models}\n"
+            "parameters:\n  normalize: true\n  int8_mask: false\n"
+            f"dtype: {args.mergekit_dtype}\nout_dtype: bfloat16\n"
+        )
         out = work / "out-mergekit"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [args.mergekit, str(cfg_yaml), str(out), "--lazy-unpickle", "--quiet", "-j", str(args.threads)]
@@ -213,16 +254,32 @@ def main() -> None:
     else:
         print("mergekit-yaml not found: pass --mergekit PATH to compare")
 
-    meta = {"checkpoint_bytes": size, "layers": cfg.num_hidden_layers, "density": args.density,
-            "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    meta = {
+        "checkpoint_bytes": size,
+        "layers": cfg.num_hidden_layers,
+        "density": args.density,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     try:
         from importlib.metadata import version
 
-        meta["mergekit"] = subprocess.run([str(Path(args.mergekit).parent / "python"), "-c",
-                                           "import importlib.metadata as m; print(m.version('mergekit'))"],
-                                          capture_output=True, text=True).stdout.strip() if args.mergekit else None
+        meta["mergekit"] = (
+            subprocess.run(
+                [
+                    str(Path(args.mergekit).parent / "python"),
+                    "-c",
+                    "import importlib.metadata as m; print(m.version('mergekit'))",
+                ],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            if args.mergekit
+            else None
+        )
         meta["safetensors"] = version("safetensors")
     except Exception:  # noqa: BLE001 - version strings are informational only
         pass

@@ -224,7 +224,6 @@ def _frozen_attention_bwd_dkdv_kernel(
     tl.store(DV + out[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 
-
 def _config(D: int, dtype: torch.dtype) -> dict[str, int | str]:
     """Block sizes and launch options shared by the kernels (tests shrink the blocks to cover multi-tile loops).
 

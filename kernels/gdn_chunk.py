@@ -100,12 +100,37 @@ def _unit_lower_inverse(A, rt, BT: tl.constexpr, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _chunk_delta_rule_fwd_kernel(
-    q, k, v, g, beta, h0, o, ht, ckpt, Tb, Wb, cu_seqlens,
-    T, scale, eps, n_ckpt, h0_stride,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_CKPT: tl.constexpr, VARLEN: tl.constexpr,
-    L2NORM: tl.constexpr, DOT_PREC: tl.constexpr, PREPARED: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    h0,
+    o,
+    ht,
+    ckpt,
+    Tb,
+    Wb,
+    cu_seqlens,
+    T,
+    scale,
+    eps,
+    n_ckpt,
+    h0_stride,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    SAVE_CKPT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    L2NORM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PREPARED: tl.constexpr,
 ):
     """Sequential over chunks, per (segment, value head, V-block). PREPARED: T and W come from
     _chunk_prepare_kernel (computed in parallel beforehand) instead of being computed here."""
@@ -140,8 +165,11 @@ def _chunk_delta_rule_fwd_kernel(
         M = D * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         b_o = eG[:, None] * tl.dot(b_q, S, input_precision=DOT_PREC) + tl.dot(M, U, input_precision=DOT_PREC)
         rows = t0 + rt
-        tl.store(o + (rows[:, None] * HV + i_h) * V + ov[None, :], b_o.to(o.dtype.element_ty),
-                 mask=(rt < eos - t0)[:, None] & mv[None, :])
+        tl.store(
+            o + (rows[:, None] * HV + i_h) * V + ov[None, :],
+            b_o.to(o.dtype.element_ty),
+            mask=(rt < eos - t0)[:, None] & mv[None, :],
+        )
         S = eG_last * S + tl.dot(tl.trans(b_k * e[:, None]), U, input_precision=DOT_PREC)
     if STORE_HT:
         tl.store(ht + i_nh * K * V + kv_off, S, mask=mkv)
@@ -149,9 +177,23 @@ def _chunk_delta_rule_fwd_kernel(
 
 @triton.jit
 def _chunk_prepare_kernel(
-    k, g, beta, Tb, Wb, cu_seqlens, T, eps, n_ckpt,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+    k,
+    g,
+    beta,
+    Tb,
+    Wb,
+    cu_seqlens,
+    T,
+    eps,
+    n_ckpt,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    VARLEN: tl.constexpr,
+    L2NORM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """Per (chunk, head), in parallel: T = (I + A)^-1 [BT, BT] and W = T diag(beta exp(G)) K [BT, K], for the
     backward's two kernels (full tiles: rows past the end hold T = I, W = 0)."""
@@ -167,8 +209,7 @@ def _chunk_prepare_kernel(
         b_g, b_beta = _load_gates(g, beta, t0, eos - t0, i_h, rt, HV)
         D, eG, _, _ = _decays(b_g, rt)
         kk = tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
-        Tm = _unit_lower_inverse(tl.where(rt[:, None] > rt[None, :], b_beta[:, None] * D * kk, 0.0), rt, BT,
-                                 DOT_PREC)
+        Tm = _unit_lower_inverse(tl.where(rt[:, None] > rt[None, :], b_beta[:, None] * D * kk, 0.0), rt, BT, DOT_PREC)
         W = tl.dot(Tm, (b_beta * eG)[:, None] * b_k, input_precision=DOT_PREC)
         base = i_nh * n_ckpt + c
         tl.store(Tb + base * BT * BT + rt[:, None] * BT + rt[None, :], Tm)
@@ -177,10 +218,29 @@ def _chunk_prepare_kernel(
 
 @triton.jit
 def _chunk_bwd_dh_kernel(
-    q, k, g, do, dht, Wb, dh, cu_seqlens, T, scale, eps, n_ckpt,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+    q,
+    k,
+    g,
+    do,
+    dht,
+    Wb,
+    dh,
+    cu_seqlens,
+    T,
+    scale,
+    eps,
+    n_ckpt,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    L2NORM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """The sequential part of the backward, per (segment, value head, V-block): walks the chunks in reverse and
     stores dL/dS at every chunk's end. Per chunk: dU = M^T dO + diag(e) K dS;
@@ -207,19 +267,48 @@ def _chunk_bwd_dh_kernel(
         b_q = b_q * scale
         M = D * tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         W = tl.load(Wb + base * BT * K + rt[:, None] * K + ok[None, :], mask=mk[None, :], other=0.0)
-        dU = tl.dot(tl.trans(M), b_do, input_precision=DOT_PREC) + tl.dot(b_k * e[:, None], dS,
-                                                                          input_precision=DOT_PREC)
-        dS = eG_last * dS + tl.dot(tl.trans(b_q * eG[:, None]), b_do, input_precision=DOT_PREC) - tl.dot(
-            tl.trans(W), dU, input_precision=DOT_PREC)
+        dU = tl.dot(tl.trans(M), b_do, input_precision=DOT_PREC) + tl.dot(
+            b_k * e[:, None], dS, input_precision=DOT_PREC
+        )
+        dS = (
+            eG_last * dS
+            + tl.dot(tl.trans(b_q * eG[:, None]), b_do, input_precision=DOT_PREC)
+            - tl.dot(tl.trans(W), dU, input_precision=DOT_PREC)
+        )
 
 
 @triton.jit
 def _chunk_bwd_kernel(
-    q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_out, dk_out, dv, dg_out, dbeta_out, cu_seqlens,
-    T, scale, eps, n_ckpt,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    VARLEN: tl.constexpr, L2NORM: tl.constexpr, DOT_PREC: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    ckpt,
+    dh,
+    Tb,
+    Wb,
+    do,
+    dq_out,
+    dk_out,
+    dv,
+    dg_out,
+    dbeta_out,
+    cu_seqlens,
+    T,
+    scale,
+    eps,
+    n_ckpt,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    VARLEN: tl.constexpr,
+    L2NORM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """The parallel part of the backward, per (chunk, value head): every gradient of one chunk from the state at its
     start (saved by the forward) and dL/dS at its end (from _chunk_bwd_dh_kernel).
@@ -273,8 +362,11 @@ def _chunk_bwd_kernel(
             dT += tl.dot(dU, tl.trans(bv), input_precision=DOT_PREC)
             # adjoint of U = T diag(beta) V - W S0 on this V-block: dv and dbeta's V part
             dXU = tl.dot(tl.trans(Tm), dU, input_precision=DOT_PREC)
-            tl.store(dv + (rows[:, None] * HV + i_h) * V + ov[None, :],
-                     (b_beta[:, None] * dXU).to(dv.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            tl.store(
+                dv + (rows[:, None] * HV + i_h) * V + ov[None, :],
+                (b_beta[:, None] * dXU).to(dv.dtype.element_ty),
+                mask=mt[:, None] & mv[None, :],
+            )
             b_dbeta += tl.sum(dXU * b_v, 1)
             dS_S0 += tl.sum(dS * S0, 1)
         # The K side. dgam_i = dL/dexp(G_i) exp(G_i); tau_ij = dL/dD_ij D_ij (j < i), the decays' gradients.
@@ -331,7 +423,6 @@ _LAUNCH = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS
 BWD_BLOCK_V = 32  # the parallel backward walks V in blocks of 32: S0 and dL/dS tiles [K, 32] beside its sums
 
 
-
 def _block_sizes(K: int, V: int) -> tuple[int, int]:
     BK = max(16, triton.next_power_of_2(K))
     # 32: the sequential kernels spill nothing (Triton 3.6, sm_90, 8 warps) and run 4 programs per (segment, head)
@@ -353,8 +444,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _prepare(
-    k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu_seqlens: torch.Tensor | None, n_seq: int, n_ckpt: int,
-    eps: float, l2norm: bool, chunk: int, prec: str,
+    k: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    n_seq: int,
+    n_ckpt: int,
+    eps: float,
+    l2norm: bool,
+    chunk: int,
+    prec: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> T [N, Hv, C, BT, BT] and W [N, Hv, C, BT, K] fp32 for every chunk (one program per chunk and head)."""
     B, T, HK, K = k.shape
@@ -362,16 +461,44 @@ def _prepare(
     Tb = utils.empty(n_seq, HV, n_ckpt, chunk, chunk, dtype=torch.float32, device=k.device)
     Wb = utils.empty(n_seq, HV, n_ckpt, chunk, K, dtype=torch.float32, device=k.device)
     _chunk_prepare_kernel[(n_ckpt, n_seq * HV)](
-        k, g, beta, Tb, Wb, cu_seqlens, T, eps, n_ckpt, HK=HK, HV=HV, K=K, BT=chunk,
-        BK=_block_sizes(K, 16)[0], VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, **_LAUNCH,
+        k,
+        g,
+        beta,
+        Tb,
+        Wb,
+        cu_seqlens,
+        T,
+        eps,
+        n_ckpt,
+        HK=HK,
+        HV=HV,
+        K=K,
+        BT=chunk,
+        BK=_block_sizes(K, 16)[0],
+        VARLEN=cu_seqlens is not None,
+        L2NORM=l2norm,
+        DOT_PREC=prec,
+        **_LAUNCH,
     )
     return Tb, Wb
 
 
 def chunk_delta_rule_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, n_seq: int, max_len: int,
-    scale: float, eps: float, l2norm: bool, store_ht: bool, save_ckpt: bool, chunk: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    h0: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    n_seq: int,
+    max_len: int,
+    scale: float,
+    eps: float,
+    l2norm: bool,
+    store_ht: bool,
+    save_ckpt: bool,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g fp32, beta [B, T, Hv]; h0 [N|1, Hv, K, V] fp32 or None
     -> o [B, T, Hv, V] (v's dtype), final state [N, Hv, K, V] fp32, chunk-start states [N, Hv, C, K, V] fp32."""
@@ -390,19 +517,57 @@ def chunk_delta_rule_fwd(
     if save_ckpt:
         Tb, Wb = _prepare(k, g, beta, cu_seqlens, n_seq, n_ckpt, eps, l2norm, chunk, prec)
     _chunk_delta_rule_fwd_kernel[(triton.cdiv(V, BV), n_seq * HV)](
-        q, k, v, g, beta, h0, o, ht, ckpt, Tb, Wb, cu_seqlens,
-        T, scale, eps, n_ckpt, h0_stride,
-        HK=HK, HV=HV, K=K, V=V, BT=chunk, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=store_ht,
-        SAVE_CKPT=save_ckpt, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, PREPARED=save_ckpt,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        h0,
+        o,
+        ht,
+        ckpt,
+        Tb,
+        Wb,
+        cu_seqlens,
+        T,
+        scale,
+        eps,
+        n_ckpt,
+        h0_stride,
+        HK=HK,
+        HV=HV,
+        K=K,
+        V=V,
+        BT=chunk,
+        BK=BK,
+        BV=BV,
+        USE_H0=h0 is not None,
+        STORE_HT=store_ht,
+        SAVE_CKPT=save_ckpt,
+        VARLEN=cu_seqlens is not None,
+        L2NORM=l2norm,
+        DOT_PREC=prec,
+        PREPARED=save_ckpt,
         **_LAUNCH,
     )
     return o, ht, ckpt
 
 
 def chunk_delta_rule_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    ckpt: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    n_seq: int, scale: float, eps: float, l2norm: bool, chunk: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ckpt: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    n_seq: int,
+    scale: float,
+    eps: float,
+    l2norm: bool,
+    chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three launches: T and W per chunk (parallel), dL/dS at chunk ends (sequential over chunks), then every
     chunk's gradients (parallel). -> dq, dk [1, B, T, Hv, K] fp32 (already through the L2 norm, per value head),
@@ -414,12 +579,28 @@ def chunk_delta_rule_bwd(
     n_ckpt = ckpt.shape[2]
     dev = q.device
     prec = _dot_precision(q.dtype)
-    meta = dict(HK=HK, HV=HV, K=K, BT=chunk, BK=BK, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec,
-                **_LAUNCH)
+    meta = dict(
+        HK=HK, HV=HV, K=K, BT=chunk, BK=BK, VARLEN=cu_seqlens is not None, L2NORM=l2norm, DOT_PREC=prec, **_LAUNCH
+    )
     Tb, Wb = _prepare(k, g, beta, cu_seqlens, n_seq, n_ckpt, eps, l2norm, chunk, prec)
     dh = utils.empty(n_seq, HV, n_ckpt, K, V, dtype=torch.float32, device=dev)
     _chunk_bwd_dh_kernel[(NV, n_seq * HV)](
-        q, k, g, do, dht, Wb, dh, cu_seqlens, T, scale, eps, n_ckpt, V=V, BV=BV, USE_DHT=dht is not None, **meta,
+        q,
+        k,
+        g,
+        do,
+        dht,
+        Wb,
+        dh,
+        cu_seqlens,
+        T,
+        scale,
+        eps,
+        n_ckpt,
+        V=V,
+        BV=BV,
+        USE_DHT=dht is not None,
+        **meta,
     )
     dq_part = utils.empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
     dk_part = utils.empty(1, B, T, HV, K, dtype=torch.float32, device=dev)
@@ -427,7 +608,28 @@ def chunk_delta_rule_bwd(
     dg_part = utils.empty(1, B, T, HV, dtype=torch.float32, device=dev)
     dbeta_part = utils.empty(1, B, T, HV, dtype=torch.float32, device=dev)
     _chunk_bwd_kernel[(n_ckpt, n_seq * HV)](
-        q, k, v, g, beta, ckpt, dh, Tb, Wb, do, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
-        T, scale, eps, n_ckpt, V=V, BV=BWD_BLOCK_V, **meta,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        ckpt,
+        dh,
+        Tb,
+        Wb,
+        do,
+        dq_part,
+        dk_part,
+        dv,
+        dg_part,
+        dbeta_part,
+        cu_seqlens,
+        T,
+        scale,
+        eps,
+        n_ckpt,
+        V=V,
+        BV=BWD_BLOCK_V,
+        **meta,
     )
     return dq_part, dk_part, dv, dg_part, dbeta_part

@@ -32,9 +32,23 @@ def _softplus_sigmoid(x):
 
 @triton.jit
 def _gdn_gate_fwd_kernel(
-    a, b, A_log, dt_bias, g, beta,
-    R, T, sa_b, sa_t, sa_h, sb_b, sb_t, sb_h,
-    HV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    g,
+    beta,
+    R,
+    T,
+    sa_b,
+    sa_t,
+    sa_h,
+    sb_b,
+    sb_t,
+    sb_h,
+    HV: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -59,10 +73,34 @@ def _gdn_gate_fwd_kernel(
 
 @triton.jit
 def _gdn_gate_bwd_kernel(
-    a, b, A_log, dt_bias, dg, dbeta, da, db, dA_part, dbias_part,
-    R, T, rows_per_prog,
-    sa_b, sa_t, sa_h, sb_b, sb_t, sb_h, sg_b, sg_t, sg_h, sd_b, sd_t, sd_h,
-    HV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    dg,
+    dbeta,
+    da,
+    db,
+    dA_part,
+    dbias_part,
+    R,
+    T,
+    rows_per_prog,
+    sa_b,
+    sa_t,
+    sa_h,
+    sb_b,
+    sb_t,
+    sb_h,
+    sg_b,
+    sg_t,
+    sg_h,
+    sd_b,
+    sd_t,
+    sd_h,
+    HV: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)
@@ -112,7 +150,6 @@ def _gdn_gate_bwd_kernel(
     tl.store(dbias_part + p_off + HV, -cD, mask=mh)
 
 
-
 def _bth_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -129,14 +166,29 @@ def gdn_gate_fwd(
         return g, beta
     grid = (triton.cdiv(R, BLOCK_R),)
     _gdn_gate_fwd_kernel[grid](
-        a, b, A_log, dt_bias, g, beta, R, T, *_bth_strides(a), *_bth_strides(b),
-        HV=HV, BLOCK_R=BLOCK_R, BLOCK_H=triton.next_power_of_2(HV),
+        a,
+        b,
+        A_log,
+        dt_bias,
+        g,
+        beta,
+        R,
+        T,
+        *_bth_strides(a),
+        *_bth_strides(b),
+        HV=HV,
+        BLOCK_R=BLOCK_R,
+        BLOCK_H=triton.next_power_of_2(HV),
     )
     return g, beta
 
 
 def gdn_gate_bwd(
-    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dg: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    dg: torch.Tensor,
     dbeta: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> da (a's dtype), db (b's dtype) [B, T, Hv] contiguous; partials of d A_log, d dt_bias [P, 2, Hv] fp32."""
@@ -153,8 +205,25 @@ def gdn_gate_bwd(
     dA_part = utils.empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
     dbias_part = utils.empty(n_prog, 2, HV, dtype=torch.float32, device=a.device)
     _gdn_gate_bwd_kernel[(n_prog,)](
-        a, b, A_log, dt_bias, dg, dbeta, da, db, dA_part, dbias_part, R, T, rows_per_prog,
-        *_bth_strides(a), *_bth_strides(b), *_bth_strides(dg), *_bth_strides(dbeta),
-        HV=HV, BLOCK_R=BLOCK_R, BLOCK_H=triton.next_power_of_2(HV),
+        a,
+        b,
+        A_log,
+        dt_bias,
+        dg,
+        dbeta,
+        da,
+        db,
+        dA_part,
+        dbias_part,
+        R,
+        T,
+        rows_per_prog,
+        *_bth_strides(a),
+        *_bth_strides(b),
+        *_bth_strides(dg),
+        *_bth_strides(dbeta),
+        HV=HV,
+        BLOCK_R=BLOCK_R,
+        BLOCK_H=triton.next_power_of_2(HV),
     )
     return da, db, dA_part, dbias_part

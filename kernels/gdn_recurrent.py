@@ -23,8 +23,9 @@ from .gdn_tiles import _segment, _state_tile
 
 
 @triton.jit
-def _load_token(q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv,
-                HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+def _load_token(
+    q, k, v, g, beta, t, i_hk, i_h, ok, ov, mk, mv, HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr
+):
     """Token t's raw q, k, the v block, g and beta (all fp32)."""
     b_q = tl.load(q + (t * HK + i_hk) * K + ok, mask=mk, other=0.0).to(tl.float32)
     b_k = tl.load(k + (t * HK + i_hk) * K + ok, mask=mk, other=0.0).to(tl.float32)
@@ -42,10 +43,32 @@ def _rsqrt_norm(x, eps):
 
 @triton.jit
 def _segment_delta_rule_fwd_kernel(
-    q, k, v, g, beta, h0, o, ht, ckpt, cu_seqlens,
-    T, scale, eps, ckpt_every, n_ckpt, h0_stride,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE_CKPT: tl.constexpr, VARLEN: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    h0,
+    o,
+    ht,
+    ckpt,
+    cu_seqlens,
+    T,
+    scale,
+    eps,
+    ckpt_every,
+    n_ckpt,
+    h0_stride,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    SAVE_CKPT: tl.constexpr,
+    VARLEN: tl.constexpr,
     L2NORM: tl.constexpr,
 ):
     i_v = tl.program_id(0)
@@ -74,10 +97,36 @@ def _segment_delta_rule_fwd_kernel(
 
 @triton.jit
 def _segment_delta_rule_bwd_kernel(
-    q, k, v, g, beta, ckpt, do, dht, scratch, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
-    T, NT, scale, eps, ckpt_every, n_ckpt,
-    HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, VARLEN: tl.constexpr, L2NORM: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    ckpt,
+    do,
+    dht,
+    scratch,
+    dq_part,
+    dk_part,
+    dv,
+    dg_part,
+    dbeta_part,
+    cu_seqlens,
+    T,
+    NT,
+    scale,
+    eps,
+    ckpt_every,
+    n_ckpt,
+    HK: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    L2NORM: tl.constexpr,
 ):
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1).to(tl.int64)
@@ -145,7 +194,6 @@ def _segment_delta_rule_bwd_kernel(
         tl.debug_barrier()
 
 
-
 def _block_sizes(K: int, V: int) -> tuple[int, int]:
     BK = triton.next_power_of_2(K)
     BV = min(triton.next_power_of_2(V), max(16, 4096 // BK))  # state tile <= 4096 fp32 per program
@@ -158,9 +206,21 @@ def default_ckpt_every(max_len: int) -> int:
 
 
 def segment_delta_rule_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    h0: torch.Tensor | None, cu_seqlens: torch.Tensor | None, n_seq: int, max_len: int,
-    scale: float, eps: float, l2norm: bool, store_ht: bool, save_ckpt: bool, ckpt_every: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    h0: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    n_seq: int,
+    max_len: int,
+    scale: float,
+    eps: float,
+    l2norm: bool,
+    store_ht: bool,
+    save_ckpt: bool,
+    ckpt_every: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """q, k [B, T, Hk, K]; v [B, T, Hv, V]; g fp32, beta [B, T, Hv]; h0 [N|1, Hv, K, V] fp32 or None
     -> o [B, T, Hv, V] (v's dtype), final state [N, Hv, K, V] fp32, checkpoints [N, Hv, C, K, V] fp32."""
@@ -174,18 +234,52 @@ def segment_delta_rule_fwd(
     h0_stride = 0 if h0 is None or h0.shape[0] == 1 else HV * K * V
     grid = (triton.cdiv(V, BV), n_seq * HV)
     _segment_delta_rule_fwd_kernel[grid](
-        q, k, v, g, beta, h0, o, ht, ckpt, cu_seqlens,
-        T, scale, eps, ckpt_every, n_ckpt, h0_stride,
-        HK=HK, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_H0=h0 is not None, STORE_HT=store_ht, SAVE_CKPT=save_ckpt,
-        VARLEN=cu_seqlens is not None, L2NORM=l2norm,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        h0,
+        o,
+        ht,
+        ckpt,
+        cu_seqlens,
+        T,
+        scale,
+        eps,
+        ckpt_every,
+        n_ckpt,
+        h0_stride,
+        HK=HK,
+        HV=HV,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        USE_H0=h0 is not None,
+        STORE_HT=store_ht,
+        SAVE_CKPT=save_ckpt,
+        VARLEN=cu_seqlens is not None,
+        L2NORM=l2norm,
     )
     return o, ht, ckpt
 
 
 def segment_delta_rule_bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    ckpt: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    n_seq: int, scale: float, eps: float, l2norm: bool, ckpt_every: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ckpt: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    n_seq: int,
+    scale: float,
+    eps: float,
+    l2norm: bool,
+    ckpt_every: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> partial dq, dk [NV, B, T, Hv, K] fp32 (already through the L2 norm, per value head), dv [B, T, Hv, V]
     (v's dtype), partial dg, dbeta [NV, B, T, Hv] fp32."""
@@ -201,9 +295,35 @@ def segment_delta_rule_bwd(
     dg_part = utils.empty(NV, B, T, HV, dtype=torch.float32, device=dev)
     dbeta_part = utils.empty(NV, B, T, HV, dtype=torch.float32, device=dev)
     _segment_delta_rule_bwd_kernel[(NV, n_seq * HV)](
-        q, k, v, g, beta, ckpt, do, dht, scratch, dq_part, dk_part, dv, dg_part, dbeta_part, cu_seqlens,
-        T, B * T, scale, eps, ckpt_every, ckpt.shape[2],
-        HK=HK, HV=HV, K=K, V=V, BK=BK, BV=BV, USE_DHT=dht is not None, VARLEN=cu_seqlens is not None,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        ckpt,
+        do,
+        dht,
+        scratch,
+        dq_part,
+        dk_part,
+        dv,
+        dg_part,
+        dbeta_part,
+        cu_seqlens,
+        T,
+        B * T,
+        scale,
+        eps,
+        ckpt_every,
+        ckpt.shape[2],
+        HK=HK,
+        HV=HV,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        USE_DHT=dht is not None,
+        VARLEN=cu_seqlens is not None,
         L2NORM=l2norm,
     )
     return dq_part, dk_part, dv, dg_part, dbeta_part

@@ -69,5 +69,8 @@ def mode_pairs(task: ModeTask, tokens: list[int]):
 
 def held_out_pairs(task: ModeTask, tokens: list[int]):
     """(prompt in mode B, continuation under A (desired), continuation under B (undesired))."""
-    return [([MODE_B, y], [task.next(MODE_A, y)], [task.next(MODE_B, y)]) for y in tokens
-            if task.next(MODE_A, y) != task.next(MODE_B, y)]
+    return [
+        ([MODE_B, y], [task.next(MODE_A, y)], [task.next(MODE_B, y)])
+        for y in tokens
+        if task.next(MODE_A, y) != task.next(MODE_B, y)
+    ]

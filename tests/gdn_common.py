@@ -19,10 +19,16 @@ def make_inputs(B, T, Hk, Hv, K, V, *, A_range=(0.01, 16.0), h0_batch=None, seed
     r = lambda *s: torch.randn(*s, generator=gen)
     A = torch.exp(torch.linspace(math.log(A_range[0]), math.log(A_range[1]), Hv))
     x = dict(
-        q=r(B, T, Hk, K), k=r(B, T, Hk, K), v=r(B, T, Hv, V), a=r(B, T, Hv), b=r(B, T, Hv),
-        A_log=torch.log(A), dt_bias=0.5 * r(Hv),
+        q=r(B, T, Hk, K),
+        k=r(B, T, Hk, K),
+        v=r(B, T, Hv, V),
+        a=r(B, T, Hv),
+        b=r(B, T, Hv),
+        A_log=torch.log(A),
+        dt_bias=0.5 * r(Hv),
         h0=None if h0_batch == 0 else 0.5 * r(B if h0_batch is None else h0_batch, Hv, K, V),
-        w_o=r(B, T, Hv, V), w_s=None,
+        w_o=r(B, T, Hv, V),
+        w_s=None,
     )
     n_state = B if h0_batch in (None, 0) else max(B, h0_batch)
     x["w_s"] = r(n_state, Hv, K, V)

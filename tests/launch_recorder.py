@@ -16,8 +16,15 @@ import torch
 import triton.language as tl
 
 _TORCH_TO_TRITON = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
     torch.bool: "i1",
 }
 _OPTIONS = ("num_warps", "num_stages", "maxnreg")
@@ -68,8 +75,9 @@ class _Proxy:
                 else:
                     signature[name] = _arg_type(value)
             options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
-            self._jobs.append({"kernel": self._name, "signature": signature, "constexprs": constexprs,
-                               "options": options})
+            self._jobs.append(
+                {"kernel": self._name, "signature": signature, "constexprs": constexprs, "options": options}
+            )
             return launch(*args, **kwargs)
 
         return run
@@ -98,8 +106,14 @@ def unique(jobs: list) -> list:
     """One job per distinct (kernel, signature, constexprs, options)."""
     seen, out = set(), []
     for job in jobs:
-        key = repr((job["kernel"], sorted(job["signature"].items()), sorted(job["constexprs"].items(), key=str),
-                    sorted(job["options"].items())))
+        key = repr(
+            (
+                job["kernel"],
+                sorted(job["signature"].items()),
+                sorted(job["constexprs"].items(), key=str),
+                sorted(job["options"].items()),
+            )
+        )
         if key not in seen:
             seen.add(key)
             out.append(job)

@@ -29,16 +29,32 @@ def test_philox_step_equals_functional_reference():
     shapes = [(7, 5), (4, 9)]
     params = _params(shapes)
     manual = [p.detach().clone() for p in params]
-    opt = APOLLO(params, lr=3e-2, rank=3, update_proj_gap=2, seed=17, alpha=1.5, weight_decay=0.05,
-                 betas=(0.85, 0.99), eps=1e-5)
+    opt = APOLLO(
+        params, lr=3e-2, rank=3, update_proj_gap=2, seed=17, alpha=1.5, weight_decay=0.05, betas=(0.85, 0.99), eps=1e-5
+    )
     states = [(torch.zeros(max(s), 3), torch.zeros(max(s), 3), torch.zeros(())) for s in shapes]
     gen = torch.Generator().manual_seed(1)
     for step in range(1, 6):
         _set_grads(params, gen, scale=step)
         for i, (w, p, (m, v, lim)) in enumerate(zip(manual, params, states, strict=True)):
             proj = philox_projection(3, min(w.shape), i, 17, (step - 1) // 2)
-            apollo_update(w, p.grad, m, v, lim, proj, step=step, lr=3e-2, beta1=0.85, beta2=0.99, eps=1e-5,
-                          alpha=1.5, scale_type="channel", norm_growth_limit=1.01, weight_decay=0.05)
+            apollo_update(
+                w,
+                p.grad,
+                m,
+                v,
+                lim,
+                proj,
+                step=step,
+                lr=3e-2,
+                beta1=0.85,
+                beta2=0.99,
+                eps=1e-5,
+                alpha=1.5,
+                scale_type="channel",
+                norm_growth_limit=1.01,
+                weight_decay=0.05,
+            )
         opt.step()
         for i, (w, p) in enumerate(zip(manual, params, strict=True)):
             assert torch.equal(w, p.data), f"weight {i} differs from the functional reference at step {step}"
@@ -99,8 +115,9 @@ def test_non_matrix_params_match_torch_adamw(weight_decay, maximize):
     shapes = [(7,), (3, 4, 5), (1,), (2, 3, 1, 2)]
     ours, theirs = _params(shapes, seed=2), _params(shapes, seed=2)
     opt = APOLLO(ours, lr=1e-2, weight_decay=weight_decay, betas=(0.8, 0.95), eps=1e-7, maximize=maximize)
-    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=weight_decay, betas=(0.8, 0.95), eps=1e-7,
-                            maximize=maximize, foreach=False)
+    ref = torch.optim.AdamW(
+        theirs, lr=1e-2, weight_decay=weight_decay, betas=(0.8, 0.95), eps=1e-7, maximize=maximize, foreach=False
+    )
     gen = torch.Generator().manual_seed(0)
     for step in range(6):
         for a, b in zip(ours, theirs, strict=True):
@@ -134,7 +151,8 @@ def test_param_group_overrides():
     frozen = c.detach().clone()
     opt = APOLLO(
         [{"params": [a]}, {"params": [b], "rank": 2, "scale": 4.0, "scale_type": "tensor"}, {"params": [c], "lr": 0.0}],
-        lr=1e-2, rank=3,
+        lr=1e-2,
+        rank=3,
     )
     assert opt.param_groups[1]["alpha"] == 2.0 and "scale" not in opt.param_groups[1]
     gen = torch.Generator().manual_seed(0)
@@ -160,7 +178,7 @@ def test_closure_is_evaluated_with_grad():
 
     before = model.weight.detach().clone()
     loss = opt.step(closure)
-    assert loss.grad_fn is not None, 'closure must run with grad enabled inside step()'
+    assert loss.grad_fn is not None, "closure must run with grad enabled inside step()"
     assert not torch.equal(before, model.weight.detach())
 
 
@@ -176,8 +194,23 @@ def test_lr_scheduler_changes_apply_each_step():
         lr = opt.param_groups[0]["lr"]
         assert lr == pytest.approx(1e-2 / step)
         p.grad = torch.randn(6, 4, generator=gen)
-        apollo_update(w, p.grad, m, v, lim, philox_projection(2, 4, 0, 0, 0), step=step, lr=lr, beta1=0.9,
-                      beta2=0.999, eps=1e-6, alpha=1.0, scale_type="channel", norm_growth_limit=1.01, weight_decay=0.1)
+        apollo_update(
+            w,
+            p.grad,
+            m,
+            v,
+            lim,
+            philox_projection(2, 4, 0, 0, 0),
+            step=step,
+            lr=lr,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-6,
+            alpha=1.0,
+            scale_type="channel",
+            norm_growth_limit=1.01,
+            weight_decay=0.1,
+        )
         opt.step()
         sched.step()
         assert torch.equal(w, p.data), f"step {step}"

@@ -36,13 +36,31 @@ def _run_pair(shapes, rank, scale_type, alpha, weight_decay, seed, lr=1e-2, beta
     ours = [torch.nn.Parameter(w.clone()) for w in init]
     theirs = [torch.nn.Parameter(w.clone()) for w in init]
     opt = APOLLO(
-        ours, lr=lr, rank=rank, scale_type=scale_type, alpha=alpha, update_proj_gap=GAP,
-        weight_decay=weight_decay, betas=betas, projection="official",
+        ours,
+        lr=lr,
+        rank=rank,
+        scale_type=scale_type,
+        alpha=alpha,
+        update_proj_gap=GAP,
+        weight_decay=weight_decay,
+        betas=betas,
+        projection="official",
     )
     official = official_apollo_class()(
-        [{"params": theirs, "rank": rank, "proj": "random", "scale_type": scale_type, "scale": alpha**2,
-          "update_proj_gap": GAP, "proj_type": "std"}],
-        lr=lr, weight_decay=weight_decay, betas=betas,
+        [
+            {
+                "params": theirs,
+                "rank": rank,
+                "proj": "random",
+                "scale_type": scale_type,
+                "scale": alpha**2,
+                "update_proj_gap": GAP,
+                "proj_type": "std",
+            }
+        ],
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
     )
     worst = 0.0
     for step in range(1, STEPS + 1):
@@ -89,8 +107,19 @@ def test_official_projection_state_is_loadable_and_matches(tmp_path):
     kw = dict(lr=1e-2, rank=3, update_proj_gap=2, projection="official", weight_decay=0.1)
     opt = APOLLO(ours, **kw)
     official = official_apollo_class()(
-        [{"params": theirs, "rank": 3, "proj": "random", "scale_type": "channel", "scale": 1.0,
-          "update_proj_gap": 2, "proj_type": "std"}], lr=1e-2, weight_decay=0.1,
+        [
+            {
+                "params": theirs,
+                "rank": 3,
+                "proj": "random",
+                "scale_type": "channel",
+                "scale": 1.0,
+                "update_proj_gap": 2,
+                "proj_type": "std",
+            }
+        ],
+        lr=1e-2,
+        weight_decay=0.1,
     )
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(7)]
     for step, gs in enumerate(grads):

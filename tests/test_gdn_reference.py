@@ -119,8 +119,16 @@ def test_segment_ref_agrees_with_transformers_fallback():
     g, beta = gate_ref(x["a"], x["b"], x["A_log"], x["dt_bias"])
     o, fs = segment_delta_rule_ref(x["q"], x["k"], x["v"], g, beta, x["h0"])
     rep = lambda t: t.repeat_interleave(2, dim=2)  # older versions need the grouped heads expanded
-    o_t, fs_t = fn(rep(x["q"]), rep(x["k"]), x["v"], g=g, beta=beta, initial_state=x["h0"].clone(),
-                   output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_t, fs_t = fn(
+        rep(x["q"]),
+        rep(x["k"]),
+        x["v"],
+        g=g,
+        beta=beta,
+        initial_state=x["h0"].clone(),
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+    )
     assert_close("o vs transformers", o, o_t, 1e-4)
     assert_close("final_state vs transformers", fs, fs_t, 1e-4)
 

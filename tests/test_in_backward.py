@@ -547,4 +547,3 @@ def test_step_params_through_different_parts_keeps_one_step_count():
     for i, (a, b) in enumerate(zip(pa, pb, strict=True)):
         assert_close(f"param[{i}]", a, b, 1e-6)
     assert_same_state(oa, ob, 1e-6)
-

@@ -17,8 +17,11 @@ def _words(*vals):
     [  # Random123's known-answer tests for Philox4x32-10
         ((0, 0, 0, 0), 0, ("0x6627e8d5", "0xe169c58d", "0xbc57ac4c", "0x9b00dbd8")),
         ((0xFFFFFFFF,) * 4, 0xFFFFFFFFFFFFFFFF, ("0x408f276d", "0x41c83b0e", "0xa20bc7c6", "0x6d5451fd")),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0x299F31D0 << 32) | 0xA4093822,
-         ("0xd16cfe09", "0x94fdcceb", "0x5001e420", "0x24126ea1")),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0x299F31D0 << 32) | 0xA4093822,
+            ("0xd16cfe09", "0x94fdcceb", "0x5001e420", "0x24126ea1"),
+        ),
     ],
 )
 def test_philox_known_answers(counter, key, expect):

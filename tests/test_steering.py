@@ -56,8 +56,12 @@ def test_mean_diff_matches_unpadded_manual(random_model, position):
     pairs = _ragged_pairs()
     sv = extract_steering_vector(random_model, pairs, layers=[0, 1], position=position, batch_size=3)
     for layer in (0, 1):
-        diffs = torch.stack([_hidden_alone(random_model, d, layer, position) -
-                             _hidden_alone(random_model, u, layer, position) for d, u in pairs])
+        diffs = torch.stack(
+            [
+                _hidden_alone(random_model, d, layer, position) - _hidden_alone(random_model, u, layer, position)
+                for d, u in pairs
+            ]
+        )
         assert_close(f"layer {layer} direction", diffs.mean(0), sv.directions[layer], 1e-5)
     assert sv.hidden_size == 64 and sv.num_layers == 2 and sv.position == position
 
@@ -95,8 +99,10 @@ def test_strings_with_tokenizer_match_ids(random_model):
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    )
 
 
 def test_steer_is_exact_and_leaves_model_untouched(random_model):
@@ -131,8 +137,15 @@ def test_steer_applies_to_tokens_generated_with_kv_cache(random_model, arch):
     sv = extract_steering_vector(random_model, _ragged_pairs())
     prompt = torch.randint(0, 64, (1, 5))
     with torch.no_grad(), steer(random_model, sv, 3.0):
-        out = random_model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True,
-                                    output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        out = random_model.generate(
+            prompt,
+            max_new_tokens=6,
+            do_sample=False,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         no_cache = random_model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
         full = random_model(input_ids=out.sequences).logits[0]
     assert torch.equal(out.sequences, no_cache), "cached and uncached steered generation differ"
@@ -197,8 +210,9 @@ def test_bake_reduces_kl_and_keeps_effect(mode_model):
     sv = extract_steering_vector(model, mode_pairs(task, list(range(2, 42))))
     prompts = [[MODE_B, y] for y in range(2, 42)] + [[MODE_A, y] for y in range(2, 22)]
     held = held_out_pairs(task, list(range(42, 63)))
-    r = bake_steering(model, sv, prompts, coefficient=4.0, layers=[0], steps=40, lr=1e-2, batch_size=20,
-                      eval_pairs=held)
+    r = bake_steering(
+        model, sv, prompts, coefficient=4.0, layers=[0], steps=40, lr=1e-2, batch_size=20, eval_pairs=held
+    )
     assert r.kl_after < 0.5 * r.kl_before, f"KL {r.kl_before:.4f} -> {r.kl_after:.4f}"
     assert r.margin_retained is not None and r.margin_retained > 0.5, f"retained {r.margin_retained}"
     hooks = sum(len(m._forward_hooks) for m in model.modules())
@@ -214,8 +228,17 @@ def test_bake_context_goes_through_pluggable_forward(random_model):
         calls.append((None if context is None else context.tolist(), tuple(ids.shape)))
         return full_sequence_forward(m, context, ids, mask)
 
-    r = bake_steering(model, sv, [[5, 6, 7], [8, 9]], coefficient=2.0, steps=3, lr=1e-3, batch_size=2,
-                      context=[1, 2, 3, 4], segment_forward=frozen_context_stub)
+    r = bake_steering(
+        model,
+        sv,
+        [[5, 6, 7], [8, 9]],
+        coefficient=2.0,
+        steps=3,
+        lr=1e-3,
+        batch_size=2,
+        context=[1, 2, 3, 4],
+        segment_forward=frozen_context_stub,
+    )
     assert len(calls) == 3 + 2 and all(c == [1, 2, 3, 4] for c, _ in calls)  # 3 steps + KL before / after
     assert calls[0][1] == (2, 3)
     assert r.kl_before > 0 and r.steps == 3

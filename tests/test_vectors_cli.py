@@ -58,12 +58,16 @@ def test_vectors_cli_end_to_end(ckpts, tmp_path, capsys):
     checks = {
         "add": (["vectors", "add", va_p, vb_p, "--weights", "1", "0.5"], va + 0.5 * vb),
         "neg": (["vectors", "negate", va_p], -va),
-        "ties": (["vectors", "ties", va_p, vb_p, "--density", "0.5", "--trim", "tensor", "--sign", "count", "--lam",
-                  "1.5"], ties_merge([va, vb], 0.5, 1.5, trim="tensor", sign="count")),
+        "ties": (
+            ["vectors", "ties", va_p, vb_p, "--density", "0.5", "--trim", "tensor", "--sign", "count", "--lam", "1.5"],
+            ties_merge([va, vb], 0.5, 1.5, trim="tensor", sign="count"),
+        ),
         "ties_model": (["vectors", "ties", va_p, vb_p], ties_merge([va, vb])),
         "dare": (["vectors", "dare", va_p, "--p", "0.5", "--seed", "7"], dare(va, 0.5, seed=7)),
-        "dare_ties": (["vectors", "ties", va_p, vb_p, "--dare", "0.3", "--density", "1", "--seed", "2"],
-                      ties_merge([dare(va, 0.3, seed=2), dare(vb, 0.3, seed=3)], 1.0)),
+        "dare_ties": (
+            ["vectors", "ties", va_p, vb_p, "--dare", "0.3", "--density", "1", "--seed", "2"],
+            ties_merge([dare(va, 0.3, seed=2), dare(vb, 0.3, seed=3)], 1.0),
+        ),
     }
     for name, (argv, want) in checks.items():
         out = tmp_path / f"{name}.safetensors"
@@ -76,8 +80,28 @@ def test_vectors_cli_end_to_end(ckpts, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
     merged = tmp_path / "merged"
-    assert run("vectors", "apply", "--base", base, "--vector", va_p, "--vector", vb_p, "--coef", "0.5", "--coef",
-               "0.5", "--out", merged, "--quiet", "--max-shard-gb", "0.0001") == 0
+    assert (
+        run(
+            "vectors",
+            "apply",
+            "--base",
+            base,
+            "--vector",
+            va_p,
+            "--vector",
+            vb_p,
+            "--coef",
+            "0.5",
+            "--coef",
+            "0.5",
+            "--out",
+            merged,
+            "--quiet",
+            "--max-shard-gb",
+            "0.0001",
+        )
+        == 0
+    )
     from transformers import AutoModelForCausalLM
 
     got = AutoModelForCausalLM.from_pretrained(merged)
@@ -89,8 +113,17 @@ def test_vectors_cli_end_to_end(ckpts, tmp_path, capsys):
 
 
 def test_vectors_cli_errors_name_the_problem(ckpts, tmp_path, capsys):
-    rc = run("vectors", "extract", "--base", ckpts["base"], "--finetuned", ckpts["other"], "--out",
-             tmp_path / "x.safetensors", "--quiet")
+    rc = run(
+        "vectors",
+        "extract",
+        "--base",
+        ckpts["base"],
+        "--finetuned",
+        ckpts["other"],
+        "--out",
+        tmp_path / "x.safetensors",
+        "--quiet",
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "only in finetuned: model.layers.2" in err
     rc = run("vectors", "dare", tmp_path / "missing.safetensors", "--p", "0.1", "--out", tmp_path / "y.safetensors")
@@ -108,8 +141,25 @@ def test_steer_cli_end_to_end(ckpts, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps(r) for r in rows))
     sv_path = tmp_path / "sv.safetensors"
-    assert run("steer", "extract", "--model", model_dir, "--pairs", pairs, "--layers", "0,1", "--method", "pca",
-               "--out", sv_path, "--device", "cpu") == 0
+    assert (
+        run(
+            "steer",
+            "extract",
+            "--model",
+            model_dir,
+            "--pairs",
+            pairs,
+            "--layers",
+            "0,1",
+            "--method",
+            "pca",
+            "--out",
+            sv_path,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     assert "norm" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
 
@@ -120,8 +170,27 @@ def test_steer_cli_end_to_end(ckpts, tmp_path, capsys):
         assert_close(f"layer {layer}", want.directions[layer], got.directions[layer], 1e-5)
 
     report = tmp_path / "verify.json"
-    assert run("steer", "verify", "--model", model_dir, "--vector", sv_path, "--pairs", pairs, "--coef", "3",
-               "--layers", "1", "--json", report, "--device", "cpu") == 0
+    assert (
+        run(
+            "steer",
+            "verify",
+            "--model",
+            model_dir,
+            "--vector",
+            sv_path,
+            "--pairs",
+            pairs,
+            "--coef",
+            "3",
+            "--layers",
+            "1",
+            "--json",
+            report,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     assert "projection on direction" in capsys.readouterr().out
     r = json.loads(report.read_text())
     assert r["n_pairs"] == 8 and r["layers"] == [1] and abs(r["margin_change"]) > 0
@@ -129,8 +198,32 @@ def test_steer_cli_end_to_end(ckpts, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(x) for x in ["t5 t6 t7", [8, 9, 10, 11], {"text": "t12 t13"}]))
     out = tmp_path / "baked"
-    assert run("steer", "bake", "--model", model_dir, "--vector", sv_path, "--prompts", prompts, "--coef", "3",
-               "--steps", "3", "--lr", "1e-3", "--eval-pairs", pairs, "--out", out, "--quiet", "--device", "cpu") == 0
+    assert (
+        run(
+            "steer",
+            "bake",
+            "--model",
+            model_dir,
+            "--vector",
+            sv_path,
+            "--prompts",
+            prompts,
+            "--coef",
+            "3",
+            "--steps",
+            "3",
+            "--lr",
+            "1e-3",
+            "--eval-pairs",
+            pairs,
+            "--out",
+            out,
+            "--quiet",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "KL closed" in text and "retained" in text
     baked = AutoModelForCausalLM.from_pretrained(out)

@@ -155,8 +155,12 @@ def test_ties_hand_computed(sign, weights, lam, expected):
     vs = [tv(w=t) for t in TAU]
     merged = ties_merge(vs, density=0.5, lam=lam, weights=weights, trim="tensor", sign=sign)
     assert_close("ties", T(expected), merged["w"], 1e-7)
-    assert_close("ties (model trim, one tensor)", T(expected),
-                 ties_merge(vs, density=0.5, lam=lam, weights=weights, trim="model", sign=sign)["w"], 1e-7)
+    assert_close(
+        "ties (model trim, one tensor)",
+        T(expected),
+        ties_merge(vs, density=0.5, lam=lam, weights=weights, trim="model", sign=sign)["w"],
+        1e-7,
+    )
     assert_close("ties_reference", T(expected), ties_reference(T(TAU), 0.5, weights, sign, lam), 1e-7)
     assert [kth_largest_magnitude(T(t), 2) for t in TAU] == [2.0, 1.5, 0.5]
 
@@ -186,8 +190,10 @@ def _tied_vectors(n_vec: int, seed: int) -> list[TaskVector]:
     """Vectors of odd-shaped tensors whose values are coarsely rounded, so magnitudes tie a lot."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"a": (37, 11), "b": (4097,), "c": (1,), "d": (5, 3, 7)}
-    return [TaskVector.from_tensors({k: (torch.randn(s, generator=g) * 4).round() / 4 for k, s in shapes.items()})
-            for _ in range(n_vec)]
+    return [
+        TaskVector.from_tensors({k: (torch.randn(s, generator=g) * 4).round() / 4 for k, s in shapes.items()})
+        for _ in range(n_vec)
+    ]
 
 
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.77])
@@ -239,8 +245,12 @@ def test_model_trim_threshold_is_exact_kth_largest():
 
 def test_ties_rejects_bad_options():
     v = tv(w=[1.0])
-    for kw, msg in [({"density": 1.5}, "density"), ({"trim": "layer"}, "trim"), ({"sign": "max"}, "sign"),
-                    ({"weights": [1.0, 2.0]}, "weights")]:
+    for kw, msg in [
+        ({"density": 1.5}, "density"),
+        ({"trim": "layer"}, "trim"),
+        ({"sign": "max"}, "sign"),
+        ({"weights": [1.0, 2.0]}, "weights"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             ties_merge([v], **kw)
     with pytest.raises(ValueError, match="inf or NaN"):
@@ -348,8 +358,10 @@ def test_sharded_folders_extract_and_apply_streaming(tmp_path):
     g = torch.Generator().manual_seed(0)
     base = {f"l{i}.w": torch.randn(4, 4, generator=g).bfloat16() for i in range(5)}
     base["steps"] = torch.arange(4)
-    ft = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() if v.is_floating_point() else v + 1
-          for k, v in base.items()}
+    ft = {
+        k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() if v.is_floating_point() else v + 1
+        for k, v in base.items()
+    }
     _sharded_checkpoint(tmp_path / "base", base)
     _sharded_checkpoint(tmp_path / "ft", ft)
     v = extract_task_vector(tmp_path / "base", tmp_path / "ft")

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.gpu
 
 def _pairs():
     g = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, 64, (4,), generator=g).tolist(), torch.randint(0, 64, (3,), generator=g).tolist())
-            for _ in range(6)]
+    return [
+        (torch.randint(0, 64, (4,), generator=g).tolist(), torch.randint(0, 64, (3,), generator=g).tolist())
+        for _ in range(6)
+    ]
 
 
 def test_apply_task_vector_to_cuda_bf16_model():

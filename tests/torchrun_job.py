@@ -81,5 +81,3 @@ class Job:
             if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
                 return pid
         return None
-
-

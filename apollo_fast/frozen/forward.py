@@ -48,9 +48,7 @@ def _gdn_mixer(
     conv_out, new_prefix = causal_conv_with_prefix(qkv, conv_prefix, mixer.conv_weight)
     q, k, v = mixer.split_heads(conv_out)
     g, beta = gate(a, b, mixer.module.A_log, mixer.module.dt_bias, backend=backend)
-    o, new_recurrent = segment_delta_rule(
-        q, k, v, g, beta, recurrent, output_final_state=want_state, backend=backend
-    )
+    o, new_recurrent = segment_delta_rule(q, k, v, g, beta, recurrent, output_final_state=want_state, backend=backend)
     out = mixer.output(o, z)
     return out, ((new_prefix, new_recurrent) if want_state else None)
 

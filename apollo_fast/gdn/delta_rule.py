@@ -18,15 +18,29 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
     """algo 'recurrent' (block = checkpoint interval in tokens) or 'chunk' (block = chunk size)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, l2norm, output_final_state, algo,
-                block, save):
+    def forward(
+        ctx, q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, l2norm, output_final_state, algo, block, save
+    ):
         from apollo_fast.kernels import gdn_chunk, gdn_recurrent
 
         q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
         g = g.float().contiguous()
         fwd = gdn_chunk.chunk_delta_rule_fwd if algo == "chunk" else gdn_recurrent.segment_delta_rule_fwd
         o, ht, ckpt = fwd(
-            q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, L2NORM_EPS, l2norm, output_final_state, save,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            h0,
+            cu_seqlens,
+            n_seq,
+            max_len,
+            scale,
+            L2NORM_EPS,
+            l2norm,
+            output_final_state,
+            save,
             block,
         )
         ctx.save_for_backward(q, k, v, g, beta, ckpt, cu_seqlens)
@@ -48,8 +62,20 @@ class _SegmentDeltaRuleFunction(torch.autograd.Function):
             do = torch.zeros_like(v)
         bwd = gdn_chunk.chunk_delta_rule_bwd if algo == "chunk" else gdn_recurrent.segment_delta_rule_bwd
         dq_p, dk_p, dv, dg_p, dbeta_p = bwd(
-            q, k, v, g, beta, ckpt, do.contiguous(), None if dht is None else dht.float().contiguous(),
-            cu_seqlens, n_seq, scale, L2NORM_EPS, l2norm, block,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            ckpt,
+            do.contiguous(),
+            None if dht is None else dht.float().contiguous(),
+            cu_seqlens,
+            n_seq,
+            scale,
+            L2NORM_EPS,
+            l2norm,
+            block,
         )
         # fixed-order sums over V-blocks and the value heads that share a key head: deterministic
         NV = dq_p.shape[0]
@@ -91,9 +117,14 @@ def _validate(q, k, v, g, beta, initial_state, cu_seqlens) -> tuple[int, int]:
     if cu_seqlens is None:
         n_seq, max_len = B, T
     else:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
-            torch.int32,
-            torch.int64,
+        if (
+            not isinstance(cu_seqlens, torch.Tensor)
+            or cu_seqlens.dim() != 1
+            or cu_seqlens.dtype
+            not in (
+                torch.int32,
+                torch.int64,
+            )
         ):
             raise TypeError("segment_delta_rule: cu_seqlens must be a 1-D int32/int64 tensor [N+1]")
         if B != 1:
@@ -168,8 +199,21 @@ def segment_delta_rule(
     # checkpoints for the backward only when one can happen (needs_input_grad is also set under no_grad)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out = _SegmentDeltaRuleFunction.apply(
-        q, k, v, g, beta, h0, cu_seqlens, n_seq, max_len, scale, bool(use_qk_l2norm), bool(output_final_state),
-        algorithm, block, save,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        h0,
+        cu_seqlens,
+        n_seq,
+        max_len,
+        scale,
+        bool(use_qk_l2norm),
+        bool(output_final_state),
+        algorithm,
+        block,
+        save,
     )
     if output_final_state:
         return out

@@ -182,7 +182,6 @@ def adamw_reference(t: AdamwLists, h: Hyper) -> None:
         )
 
 
-
 def _subset(t: ApolloLists, keep: list[int]) -> ApolloLists:
     """The lists of `t` restricted to the positions `keep`."""
     return ApolloLists(*([getattr(t, f)[i] for i in keep] for f in ApolloLists.__dataclass_fields__))

@@ -41,7 +41,11 @@ def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(
-    x0: torch.Tensor, x1: int | torch.Tensor, x2: int | torch.Tensor, x3: int | torch.Tensor, key: int,
+    x0: torch.Tensor,
+    x1: int | torch.Tensor,
+    x2: int | torch.Tensor,
+    x3: int | torch.Tensor,
+    key: int,
     rounds: int = PHILOX_ROUNDS,
 ) -> tuple[torch.Tensor, ...]:
     """Philox4x32 of the counter words (x0, x1, x2, x3) under the 64-bit `key`.

@@ -43,9 +43,7 @@ def effective_rank(rank: int, shape: torch.Size | tuple[int, int], projection: s
     return rank if projection == "official" else min(rank, min(shape))
 
 
-def official_projection(
-    rank: int, dim: int, seed: int, device: torch.device | str, tall: bool
-) -> torch.Tensor:
+def official_projection(rank: int, dim: int, seed: int, device: torch.device | str, tall: bool) -> torch.Tensor:
     """P~ (rank x dim, fp32) drawn as apollo-torch 1.0.3 draws P, returned in canonical layout.
 
     apollo-torch draws randn((r, n)) for m >= n ("tall") and randn((m, r)) otherwise, from
@@ -61,4 +59,3 @@ def official_next_seed(seed: int) -> int:
     """The seed apollo-torch uses for its next draw: the last of 15 CPU randint(0, 2**63 - 1)."""
     gen = torch.Generator().manual_seed(seed)
     return int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])
-

@@ -37,23 +37,26 @@ class SegmentForward(Protocol):
     The logits at segment position j predict token j+1, given the context and segment[:j+1].
     """
 
-    def __call__(self, model: nn.Module, context: torch.Tensor | None, ids: torch.Tensor,
-                 mask: torch.Tensor) -> torch.Tensor: ...
+    def __call__(
+        self, model: nn.Module, context: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
-def full_sequence_forward(model: nn.Module, context: torch.Tensor | None, ids: torch.Tensor,
-                          mask: torch.Tensor) -> torch.Tensor:
+def full_sequence_forward(
+    model: nn.Module, context: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Default: run context + segment as one sequence (gradients flow through the context too)."""
     if context is None or context.numel() == 0:
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     c = context.to(ids.device).unsqueeze(0).expand(ids.shape[0], -1)
     full_ids = torch.cat([c, ids], 1)
     full_mask = torch.cat([torch.ones_like(c), mask], 1)
-    return model(input_ids=full_ids, attention_mask=full_mask, use_cache=False).logits[:, c.shape[1]:]
+    return model(input_ids=full_ids, attention_mask=full_mask, use_cache=False).logits[:, c.shape[1] :]
 
 
-def frozen_context_forward(model: nn.Module, context: torch.Tensor | None, ids: torch.Tensor,
-                           mask: torch.Tensor) -> torch.Tensor:
+def frozen_context_forward(
+    model: nn.Module, context: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """The frozen-context step: the context encoded under no_grad with the current weights, only the
     segment differentiated (apollo_fast.frozen; Llama/Qwen3/Qwen3.5/Qwen3-Next). Right-padded `mask`."""
     if context is None or context.numel() == 0:
@@ -168,8 +171,9 @@ def bake_steering(
         raise ValueError("bake needs non-empty prompts")
     ctx = None
     if context is not None:
-        ctx = torch.as_tensor(encode(context, tokenizer, special=isinstance(context, str), vocab_size=vocab),
-                              dtype=torch.int64)
+        ctx = torch.as_tensor(
+            encode(context, tokenizer, special=isinstance(context, str), vocab_size=vocab), dtype=torch.int64
+        )
     forward = segment_forward or (frozen_context_forward if ctx is not None else full_sequence_forward)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     random.Random(seed).shuffle(train)
@@ -195,8 +199,14 @@ def bake_steering(
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
         kl_after = _mean_kl(model, eval_t, ctx, eval_b, forward)
-        report = BakeReport(steps, kl_before, kl_after, 1.0 - kl_after / kl_before if kl_before > 0 else 0.0,
-                            losses[0] if losses else kl_before, losses[-1] if losses else kl_before)
+        report = BakeReport(
+            steps,
+            kl_before,
+            kl_after,
+            1.0 - kl_after / kl_before if kl_before > 0 else 0.0,
+            losses[0] if losses else kl_before,
+            losses[-1] if losses else kl_before,
+        )
         if before is not None:
             after = verify_steering(model, vector, eval_pairs, 0.0, layers, tokenizer, batch_size)
             report.margin_original = before.margin_off

@@ -63,8 +63,10 @@ def as_pairs(items: Iterable[Any]) -> list[ContrastivePair]:
         elif isinstance(it, (tuple, list)) and len(it) == 3 and not isinstance(it[0], int):
             out.append(ContrastivePair(it[1], it[2], it[0]))
         else:
-            raise TypeError(f"pair {i}: expected (desired, undesired), (prompt, desired, undesired) or a dict, "
-                            f"got {type(it).__name__}")
+            raise TypeError(
+                f"pair {i}: expected (desired, undesired), (prompt, desired, undesired) or a dict, "
+                f"got {type(it).__name__}"
+            )
     if not out:
         raise ValueError("no contrastive pairs given")
     return out
@@ -94,8 +96,11 @@ def encode_pairs(
     out = []
     for p in as_pairs(pairs):
         prompt = encode(p.prompt, tokenizer, special=True, vocab_size=vocab_size) if len(p.prompt) else []
-        e = EncodedPair(prompt, encode(p.desired, tokenizer, vocab_size=vocab_size),
-                        encode(p.undesired, tokenizer, vocab_size=vocab_size))
+        e = EncodedPair(
+            prompt,
+            encode(p.desired, tokenizer, vocab_size=vocab_size),
+            encode(p.undesired, tokenizer, vocab_size=vocab_size),
+        )
         if not e.desired_ids or not e.undesired_ids:
             raise ValueError("a pair has an empty sequence: every side needs at least one token")
         out.append(e)
