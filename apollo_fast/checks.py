@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["finite_number", "number_arg", "check_output", "check_input_file"]
+__all__ = ["finite_number", "number_arg", "layer_list", "check_output", "check_input_file"]
 
 
 def finite_number(
@@ -56,6 +56,16 @@ def number_arg(**bounds: float) -> Callable[[str], float]:
 
     parse.__name__ = "number"
     return parse
+
+
+def layer_list(text: str | None, option: str = "--layers") -> list[int] | None:
+    """'3,5,7' -> [3, 5, 7]; None stays None (every layer). ValueError naming `option` for anything else."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def _writable_parent(path: Path, option: str) -> None:

@@ -27,7 +27,7 @@ import torch
 from memory_table import QWEN35_27B, qwen35_on_meta
 
 from apollo_fast import apollo_param_groups
-from apollo_fast.optim.sharded import ShardSpec
+from apollo_fast.optim.placement import ShardSpec
 from apollo_fast.reference.projection import effective_rank
 
 MIB = 2**20

@@ -1,6 +1,7 @@
-"""APOLLO, the optimizer: the class (apollo.py), its functional steps (functional.py: the reference backend;
-fused.py: the Triton backend's launches), which parameters get it (param_groups.py), and stepping it during
-the backward, one layer at a time (in_backward.py).
+"""APOLLO, the optimizer: the class (apollo.py), its functional steps on the tensor lists of lists.py
+(functional.py: the reference backend; fused.py: the Triton backend's launches), the step on FSDP2 shards
+(placement.py: where a shard lies; sharded.py: the collectives), which parameters get it (param_groups.py),
+and stepping it during the backward, one layer at a time (in_backward.py).
 
 The specification it computes is apollo_fast.reference.apollo; its kernels are apollo_fast.kernels.apollo_*.
 """

@@ -34,7 +34,8 @@ from .fused import (
     fused_apollo_update,
     tl_dtype,
 )
-from .sharded import ShardSpec, moments_state, shard_spec
+from .placement import ShardSpec, shard_spec
+from .sharded import moments_state
 
 __all__ = ["APOLLO", "NonFiniteGradientError"]
 

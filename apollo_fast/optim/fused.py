@@ -11,7 +11,7 @@ parameter), a step is two phases, so that nothing changes before every gradient 
     fused_apollo_update   stage B (moments, scale factors, limiter on r-sized data), pass C (the update)
     fused_adamw           AdamW, one multi-tensor launch per class
 
-The functions take the lists of optim/functional.py and know nothing of the optimizer; a `FusedLaunches`
+The functions take the lists of optim/lists.py and know nothing of the optimizer; a `FusedLaunches`
 per param group keeps what can be reused between steps (tables, tile maps, scratch, the regenerated P~).
 
 Sharded matrices (FSDP2 DTensors; the lists hold their local shards and ShardSpecs, the math is optim/sharded.py's)
@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from ..reference.apollo import apollo_step_size, bias_corrections
-from .functional import AdamwLists, ApolloLists, Hyper, refresh_index
-from .sharded import ShardSpec, all_gather_single, chunk_range, reduce_scatter_single
+from .lists import AdamwLists, ApolloLists, Hyper, refresh_index
+from .placement import ShardSpec, chunk_range
+from .sharded import all_gather_single, reduce_scatter_single
 
 __all__ = [
     "DOT_PRECISION_ENV",

@@ -23,100 +23,20 @@ torch.chunk's split (FSDP2's), so `torch.distributed.checkpoint` saves and resha
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from ..reference.apollo import NORM_EPS, apollo_step_size, limiter_factor, update_moments
 from ..reference.rounding import compensated_value, store_rounded
-from .functional import ApolloLists, Hyper, _philox
+from .lists import ApolloLists, Hyper, cached_projection
+from .placement import ShardSpec, chunk_range
 
-__all__ = [
-    "ShardSpec",
-    "all_gather_single",
-    "apollo_reference_sharded",
-    "chunk_range",
-    "moments_state",
-    "reduce_scatter_single",
-    "shard_spec",
-]
+__all__ = ["all_gather_single", "apollo_reference_sharded", "moments_state", "reduce_scatter_single"]
 
 # torch 2.13 renamed the one-tensor collectives (the old names warn); older releases have only the old names
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def chunk_range(size: int, world: int, rank: int) -> tuple[int, int]:
-    """[lo, hi) of `rank`'s piece when torch.chunk splits `size` into `world` pieces (as DTensor's Shard does:
-    pieces of ceil(size / world), the last ones shorter or empty)."""
-    piece = -(-size // world) if size else 0
-    lo = min(size, rank * piece)
-    return lo, min(size, lo + piece)
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Where this rank's shard of a parameter lies."""
-
-    mesh: object  # the DeviceMesh
-    group: dist.ProcessGroup
-    world: int
-    rank: int
-    dim: int  # the sharded dimension
-    lo: int  # this rank's range along `dim`
-    hi: int
-    shape: torch.Size  # the whole parameter's shape
-
-    @property
-    def channel_sharded(self) -> bool:
-        """A matrix sharded along its channel side (the larger one): its channels are local."""
-        m, n = self.shape
-        return self.dim == (0 if m >= n else 1)
-
-    def channels(self) -> tuple[int, int]:
-        """This rank's slice of the matrix's C channels: its moments' rows."""
-        if self.channel_sharded:
-            return self.lo, self.hi
-        return chunk_range(max(self.shape), self.world, self.rank)
-
-    def block(self) -> tuple[int, int, int]:
-        """(first row, first column, columns of the whole) of the local shard, for the rounding bits; a tensor
-        that is not a matrix counts as one row of its elements (sharded along dim 0 only)."""
-        if len(self.shape) == 2:
-            return (self.lo, 0, self.shape[1]) if self.dim == 0 else (0, self.lo, self.shape[1])
-        inner = math.prod(self.shape[1:])
-        return 0, self.lo * inner, math.prod(self.shape)
-
-
-def shard_spec(p: torch.Tensor, name: str) -> ShardSpec | None:
-    """The ShardSpec of a DTensor parameter (None for a plain tensor); ValueError naming the parameter for a
-    placement this optimizer does not support."""
-    if not isinstance(p, DTensor):
-        return None
-    mesh = p.device_mesh
-    if mesh.ndim != 1:
-        raise ValueError(
-            f"APOLLO: {name} is a DTensor on a {mesh.ndim}-D device mesh; sharded parameters are supported on a "
-            "1-D mesh (FSDP2's fully_shard over one process group), not with HSDP or tensor parallelism"
-        )
-    placement = p.placements[0]
-    if not isinstance(placement, Shard):
-        raise ValueError(f"APOLLO: {name} has placement {placement}; only Shard(d) DTensor parameters are supported")
-    dim = placement.dim % p.dim()
-    if p.dim() != 2 and dim != 0:
-        raise ValueError(f"APOLLO: {name} is sharded along dim {dim}; tensors that are not matrices must be Shard(0)")
-    group = mesh.get_group()
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    lo, hi = chunk_range(p.shape[dim], world, rank)
-    if p.to_local().shape[dim] != hi - lo:
-        raise ValueError(
-            f"APOLLO: {name}'s local shard has {p.to_local().shape[dim]} of {p.shape[dim]} along dim {dim}; "
-            f"expected torch.chunk's split ({hi - lo}): uneven custom shardings are not supported"
-        )
-    return ShardSpec(mesh, group, world, rank, dim, lo, hi, p.shape)
 
 
 def moments_state(spec: ShardSpec, shape: tuple[int, int], device: torch.device) -> DTensor:
@@ -183,7 +103,7 @@ def apollo_reference_sharded(t: ApolloLists, h: Hyper, projection_cache: dict) -
         rank_r = t.exp_avgs[i].shape[1]
         proj = t.projections[i]
         if proj is None:
-            proj = _philox(projection_cache, t.keys[i], rank_r, min(m, n), h, step, p.device)
+            proj = cached_projection(projection_cache, t.keys[i], rank_r, min(m, n), h, step, p.device)
         if not spec.channel_sharded:
             proj = proj[:, spec.lo : spec.hi]  # the compressed-side columns this rank holds
         g = t.grads[i].float()

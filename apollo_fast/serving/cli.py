@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 
+from ..checks import layer_list
 from .engine import DEFAULT_PORT
 
 __all__ = ["add_serve_arguments", "steer_serve"]
@@ -33,7 +34,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def steer_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..steering.cli import _layers
     from .engine import serve_steered
 
     if not (Path(args.model) / "config.json").is_file():
@@ -53,7 +53,7 @@ def steer_serve(args: argparse.Namespace) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     server, handle = serve_steered(
-        args.model, args.vector, args.coef, _layers(args.layers), args.host, args.port, args=vllm_args, log=args.log
+        args.model, args.vector, args.coef, layer_list(args.layers), args.host, args.port, args=vllm_args, log=args.log
     )
     try:
         print(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json, save_pretrained_atomic
-from ..checks import check_output, number_arg
+from ..checks import check_output, layer_list, number_arg
 from ..jsonl import iter_jsonl
 
 __all__ = ["register", "read_jsonl", "load_model"]
@@ -65,15 +65,6 @@ def load_model(path: str, device: str | None):
     return model, tok
 
 
-def _layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--layers must be comma-separated integers, got {text!r}") from None
-
-
 def _table(title: str, rows: list[tuple[str, str]], header: tuple[str, ...] = ("what", "value")) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -93,7 +84,9 @@ def _extract(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pairs = read_jsonl(args.pairs, "pairs file")
     model, tok = load_model(args.model, args.device)
-    sv = extract_steering_vector(model, pairs, _layers(args.layers), args.method, args.position, tok, args.batch_size)
+    sv = extract_steering_vector(
+        model, pairs, layer_list(args.layers), args.method, args.position, tok, args.batch_size
+    )
     sv.save(args.out)
     rows = [(str(i), f"{sv.directions[i].norm().item():.4g}") for i in sv.layers]
     _table(
@@ -115,7 +108,7 @@ def _verify(args: argparse.Namespace) -> int:
     sv = SteeringVector.load(args.vector)
     model, tok = load_model(args.model, args.device)
     sv.warn_if_other_model(model)
-    r = verify_steering(model, sv, pairs, args.coef, _layers(args.layers), tok, args.batch_size)
+    r = verify_steering(model, sv, pairs, args.coef, layer_list(args.layers), tok, args.batch_size)
     rows = [
         ("log p(desired) - log p(undesired)", f"{r.margin_off:.4f}", f"{r.margin_on:.4f}", f"{r.margin_change:+.4f}"),
         (
@@ -156,7 +149,7 @@ def _bake(args: argparse.Namespace) -> int:
         sv,
         prompts,
         args.coef,
-        _layers(args.layers),
+        layer_list(args.layers),
         steps=args.steps,
         lr=args.lr,
         batch_size=args.batch_size,

@@ -26,15 +26,15 @@ import torch
 from torch import nn
 
 from ..atomic import _commit_point, atomic_dir, remove_stale, remove_tree
-from .checkpoint import (
+from .checkpoint_files import (
     DCP,
     FORMAT_VERSION,
     MODEL_FILE,
     SINGLE,
     STATE_FILE,
     CheckpointError,
-    _step_dirs,
     file_record,
+    step_dirs,
     write_manifest,
 )
 from .fsdp import LostRank, Ranks, broadcast, together
@@ -118,7 +118,7 @@ def save_sharded_checkpoint(
                     files[p.name] = file_record(p)
             write_manifest(tmp, files, DCP, world_size=ranks.world)
             folder.close()  # atomic_dir: fsync, rename into place
-            for old in _step_dirs(root)[:-keep]:
+            for old in step_dirs(root)[:-keep]:
                 remove_tree(old)
             remove_stale(root)
 
