@@ -205,12 +205,15 @@ def test_bad_input_exits_2_with_a_named_error(files, tmp_path, capsys):
     short = _bad(tmp_path, "short.jsonl", [pairs] * 3)
     empty = _bad(tmp_path, "empty.jsonl", [])
     same = _bad(tmp_path, "same.jsonl", [{"prompt": "ab", "desired": "xy", "undesired": "xy"}] * 12)
+    not_json = tmp_path / "not_json.jsonl"
+    not_json.write_text(json.dumps(pairs) + "\n{prompt: ab}\n")
     llama = files["llama"]
     cases = [
         (["probe", "steering", "--model", llama, no_undesired], f"{no_undesired}:2: pair without undesired"),
         (["probe", "steering", "--model", llama, short], "has 3 items, too few for a confidence interval"),
         (["probe", "steering", "--model", llama, empty], "is empty: no evaluation items"),
         (["probe", "steering", "--model", llama, same], "identical or one is a prefix"),
+        (["probe", "steering", "--model", llama, not_json], f"{not_json}:2: invalid JSON"),
         (["probe", "transfer", llama, llama, "--eval", f"e={empty}"], "is empty"),
         (
             ["probe", "transfer", llama, llama, "--eval", f"g={files['general']}", f"g={files['general']}"],

@@ -8,7 +8,6 @@ Lines of strings, id lists, {"text": ...}, {"ids": [...]} or {"context": ...}.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..checks import check_output as shared_check_output
 from ..checks import finite_number
+from ..jsonl import iter_jsonl
 
 __all__ = [
     "ProbeError",
@@ -177,23 +177,21 @@ def check_same_architecture(base: ModelHandle, trained: ModelHandle) -> None:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, value) for every non-blank line; ProbeError naming FILE:LINE for bad JSON or UTF-8."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    """(line number, value) for every non-blank line; ProbeError naming FILE:LINE for a line that is not JSON."""
     out = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise ProbeError(f"{path}:{n}: not valid UTF-8 ({err.reason})") from None
-            if not text.strip():
-                continue
-            try:
-                out.append((n, json.loads(text)))
-            except json.JSONDecodeError as err:
-                raise ProbeError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+    for n, value, problem in iter_jsonl(path):
+        if problem is not None:
+            raise ProbeError(f"{path}:{n}: {problem}")
+        out.append((n, value))
     return out
+
+
+def _records(source: str | os.PathLike | Sequence[Any], kind: str) -> tuple[list[tuple[str, Any]], str]:
+    """(where, record) for each line of a JSON Lines file or item of a list, and the name errors give the whole."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return [(f"{path}:{n}", r) for n, r in _read_jsonl(path)], str(path)
+    return [(f"{kind} {i}", r) for i, r in enumerate(source)], f"the {kind}s given"
 
 
 def _ids(value: Any, tokenizer: Any, where: str, vocab: int, special: bool = False) -> list[int]:
@@ -237,13 +235,7 @@ def load_pairs(
     their common prefix, and a prompt of at least one token (the common prefix counts).
     """
     vocab, tokenizer = model.vocab, model.tokenizer
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        records = [(f"{path}:{n}", r) for n, r in _read_jsonl(path)]
-        name = str(path)
-    else:
-        records = [(f"pair {i}", r) for i, r in enumerate(source)]
-        name = "the pairs given"
+    records, name = _records(source, "pair")
     pairs = []
     for where, r in records:
         if isinstance(r, (tuple, list)) and len(r) == 3 and not isinstance(r[0], int):
@@ -322,13 +314,7 @@ def load_contexts(
 ) -> list[list[int]]:
     """Held-out contexts as token ids (>= 2 tokens: the last one is the token whose readout is measured)."""
     vocab, tokenizer = model.vocab, model.tokenizer
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        records = [(f"{path}:{n}", r) for n, r in _read_jsonl(path)]
-        name = str(path)
-    else:
-        records = [(f"context {i}", r) for i, r in enumerate(source)]
-        name = "the contexts given"
+    records, name = _records(source, "context")
     out = []
     for where, r in records:
         if isinstance(r, dict):
